@@ -1,0 +1,96 @@
+"""``python -m emq.bench``: speed figures measured side by side in one run.
+
+1. One multi-bit training step (forward + backward at every trained bit-width, one SGD step)
+   against one full-precision step of the same model on the same batch, interleaved so both
+   see the same machine state; the quantization overhead is
+   ``multi-bit time / (number of bit-widths x full-precision time)``.
+2. The whole book at the ``cpu`` profile (every chapter with papermill into a fresh,
+   temporary results store, so nothing is read back), unless ``--no-book``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .book import repo_root
+from .config import load_config
+from .data import load_data
+from .methods import method_config
+from .models import build_model
+from .training import multibit_step, resolve_device
+
+
+def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
+    """Median seconds of a multi-bit and a full-precision step of the profile's model."""
+    cfg = method_config(method, load_config(profile=profile, overrides={"data.root": str(repo_root() / "data")}))
+    dev = resolve_device(device)
+    data = load_data(cfg.data)
+    model = build_model(cfg, data, dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y, _ = next(data.train.batches(cfg.train.batch_size, shuffle=True, device=dev))
+    bits = cfg.train.bits
+
+    def one(b):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        multibit_step(model, x, y, b, cfg.train.distill)
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(3):  # warm-up
+        one(bits), one((32,))
+    multi, fp = [], []
+    for _ in range(repeats):
+        multi.append(one(bits))
+        fp.append(one((32,)))
+    m, f = statistics.median(multi), statistics.median(fp)
+    return {"config": cfg, "bits": bits, "multi_s": m, "fp_s": f, "device": str(dev)}
+
+
+def book_time(profile: str) -> float:
+    """Seconds to execute every chapter with papermill into a fresh temporary results store."""
+    root = repo_root()
+    chapters = sorted((root / "book").glob("[0-9][0-9]_*.ipynb"))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        for nb in chapters:
+            subprocess.run([sys.executable, "-m", "papermill", "--cwd", str(root / "book"), "-p", "profile", profile,
+                            "-p", "results_dir", str(Path(tmp) / "results"), str(nb), str(Path(tmp) / nb.name)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            print(f"  {nb.name}: done at {time.perf_counter() - t0:.0f} s", flush=True)
+        return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emq.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--profile", default="cpu", help="model and batch of this profile (default cpu)")
+    p.add_argument("--method", default="shared_meanvar")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-book", action="store_true", help="skip timing the whole book")
+    args = p.parse_args(argv)
+    r = step_times(args.profile, args.method, args.repeats, args.device)
+    cfg, n = r["config"], len(r["bits"])
+    print(f"device {r['device']}, {torch.get_num_threads()} threads; {cfg.model.arch}-{cfg.model.depth} "
+          f"width x{cfg.model.width}, batch {cfg.train.batch_size}, method {args.method}, bits {list(r['bits'])}")
+    print(f"  full-precision step  {1000 * r['fp_s']:8.1f} ms (median of {args.repeats})")
+    print(f"  multi-bit step       {1000 * r['multi_s']:8.1f} ms ({n} bit-widths)")
+    print(f"  ratio multi-bit / full-precision          {r['multi_s'] / r['fp_s']:.2f}")
+    print(f"  quantization overhead multi / ({n} x fp)    {r['multi_s'] / (n * r['fp_s']):.2f}")
+    if not args.no_book:
+        print(f"whole book at the {args.profile} profile, fresh results store:")
+        print(f"  book time {book_time(args.profile):.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What the chapters share: locating the repository, the results store of a profile, and
+recording the headline numbers that are glued into the prose.
+
+A chapter makes one :class:`Chapter` from its papermill parameters; the training and the
+analysis it calls live in the other modules of the package.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .config import RunConfig, load_config
+from .data import Dataset, load_data
+from .results import ResultsStore, Run, write_chapter_numbers
+from .training import train
+
+# Seeds and evaluation sizes of each profile; the model and data sizes are in config.PROFILES.
+SEEDS = {"smoke": (0, 1), "cpu": (0, 1), "gpu": (0, 1, 2)}
+RECALIBRATION_BATCHES = {"smoke": 2, "cpu": 20, "gpu": 200}
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The repository's top folder: the first parent of ``start`` (or the cwd) holding ``_toc.yml``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "emq").is_dir():
+            return folder
+    raise FileNotFoundError(f"no emq repository (a folder with _toc.yml and emq/) above {here}")
+
+
+class Chapter:
+    """A chapter's runs and numbers at one profile.
+
+    ``results_dir`` and ``data_root`` are relative to the repository root unless absolute.
+    """
+
+    def __init__(self, name: str, profile: str = "cpu", results_dir: str = "results", data_root: str = "data",
+                 device: str = "auto"):
+        root = repo_root()
+        self.name, self.profile, self.device = name, profile, device
+        self.store = ResultsStore(root / results_dir)
+        self.base = load_config(profile=profile, overrides={"data.root": str(root / data_root)})
+        self.seeds = SEEDS[profile]
+        self.recalibration_batches = RECALIBRATION_BATCHES[profile]
+        self.numbers: dict[str, float] = {}
+        self._data: dict[str, Dataset] = {}
+
+    def data(self, cfg: RunConfig | None = None) -> Dataset:
+        """The dataset of ``cfg`` (default: the profile's), loaded once per chapter."""
+        dcfg = (cfg or self.base).data
+        key = repr(dcfg)
+        if key not in self._data:
+            self._data[key] = load_data(dcfg)
+        return self._data[key]
+
+    def run(self, cfg: RunConfig) -> Run:
+        """Train ``cfg`` unless the store has it; prints one line either way."""
+        run = self.store.run(cfg)
+        if run.finished:
+            print(f"run {run.hash}: read from the store")
+            return run
+        t0 = time.perf_counter()
+        run = train(cfg, self.store, device=self.device, progress=False, data=self.data(cfg))
+        print(f"run {run.hash}: trained in {time.perf_counter() - t0:.0f} s")
+        return run
+
+    def glue(self, name: str, value: float) -> None:
+        """Glue ``value`` for the prose (``{glue:text}`name` ``) and keep it for the chapter's JSON."""
+        from myst_nb import glue
+
+        self.numbers[name] = float(value)
+        glue(name, float(value), display=False)
+
+    def save_numbers(self) -> Path:
+        return write_chapter_numbers(self.store.root, self.name, self.numbers)
+
+
+def runs_caption(runs: list[Run]) -> str:
+    """The line under a figure naming the runs it read."""
+    return "runs: " + ", ".join(sorted({r.hash for r in runs}))

@@ -1,0 +1,91 @@
+"""Command line: ``python -m emq {train,eval,data} ...``.
+
+Bad input (unknown bit-width, unknown config key, bad type, missing or corrupt dataset, a
+checkpoint of another config) ends with one line on stderr and exit status 2; nothing that
+was already written is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import PROFILES, ConfigError, load_config
+from .data import DataError, fetch_fashion_mnist
+from .quantizers import check_bits
+
+
+def _bits_list(text: str) -> list[int]:
+    """``"2,4,32"`` -> ``[2, 4, 32]``; a ValueError naming the problem otherwise."""
+    try:
+        bits = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"bad bit-width list {text!r}: use integers such as 2,4,8,32") from None
+    if not bits:
+        raise ValueError("--bits is empty: name at least one bit-width")
+    return [check_bits(b) for b in bits]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m emq", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) the run of a config")
+    t.add_argument("config", nargs="?", help="YAML config file (defaults apply to missing keys)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    t.add_argument("--profile", choices=sorted(PROFILES), help="scale: smoke, cpu or gpu (applied before --set)")
+    t.add_argument("--results", default="results", help="results store folder (default: results)")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a finished run at any bit-widths")
+    e.add_argument("run_dir", help="the run's folder in the results store")
+    e.add_argument("--bits", default="2,3,4,5,6,8,32", help="comma-separated bit-widths (default: 2,3,4,5,6,8,32)")
+    e.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training batches first (0: zero-shot)")
+    e.add_argument("--device", default="cpu")
+
+    d = sub.add_parser("data", help="get the embedded dataset")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="put Fashion-MNIST under ROOT/FashionMNIST/raw")
+    f.add_argument("--root", default="data")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .results import ResultsStore
+            from .training import train
+
+            cfg = load_config(args.config, args.overrides, args.profile)
+            resolve_device(args.device)
+            run = train(cfg, ResultsStore(args.results), device=args.device, progress=not args.no_progress)
+            acc = run.summary["acc"]
+            print(f"run {run.path}: " + ", ".join(f"{b}-bit {100 * acc[b]:.2f}%" for b in sorted(acc, key=int)))
+        elif args.command == "eval":
+            from .evaluation import evaluate_run
+            from .results import ResultsStore
+            from .training import resolve_device
+
+            bits = _bits_list(args.bits)
+            resolve_device(args.device)
+            run = ResultsStore().open(args.run_dir)
+            if args.recalibrate_bn < 0:
+                raise ConfigError(f"--recalibrate-bn must be 0 or positive, got {args.recalibrate_bn}")
+            accs = evaluate_run(run, bits, args.recalibrate_bn, device=args.device)
+            trained = set(run.config.train.bits)
+            mode = f"BN re-estimated on {args.recalibrate_bn} batches" if args.recalibrate_bn else "zero-shot"
+            print(f"run {run.path} ({mode})")
+            for b, acc in accs.items():
+                print(f"  {b:>2}-bit  {100 * acc:6.2f}%  {'trained' if b in trained else 'not trained'}")
+        elif args.command == "data":
+            fetch_fashion_mnist(args.root)
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run keeps its last checkpoint; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0

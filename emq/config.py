@@ -1,0 +1,235 @@
+"""Frozen dataclass configs, strict loading from YAML/dicts, dotted overrides and profiles.
+
+A run is fully described by a :class:`RunConfig`; its hash keys the results store. Every
+default below is the one a user gets from ``python -m emq train`` without overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key, value or file; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | tinyimagenet | imagenet
+    root: str = "data"  # folder holding the dataset (relative to the working directory)
+    train_size: int = 0  # 0 = the whole training split; else a fixed random subset of this size
+    test_size: int = 0  # 0 = the whole test split
+    subset_seed: int = 0  # seed of the fixed subsets, shared by all runs so they see the same data
+    augment: bool = True  # random crop (pad 2 or 4) and horizontal flip on training batches
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet"  # CIFAR-style ResNet of depth 6n+2
+    depth: int = 20  # 20 = ResNet-20
+    width: float = 1.0  # multiplier on the stage widths 16, 32, 64
+    preact: bool = False  # pre-activation blocks (BN -> act -> conv)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    norm: str = "switchable"  # switchable: one BN per trained bit-width | shared: one BN for all
+    correction: str = "none"  # weight bias correction: none | mean | meanvar (METHOD.md §2)
+    detach_stats: bool = True  # correction statistics are constants in the backward pass
+    fp_act: str = "relu"  # activation at 32 bits: relu (Any-Precision) | clamp to [0, 1]
+    scale_by_mean: bool = False  # multiply quantized weights by E = mean|W| (Any-Precision option)
+    quantize_first_last: bool = False  # the stem conv and classifier stay full precision by default
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    bits: tuple[int, ...] = (2, 4, 8, 32)  # trained bit-widths; 32 = full precision
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate of SGD, cosine-annealed to zero per step
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    distill: str = "recursive"  # recursive | hard (all CE) | soft (full precision teaches all)
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """12 hex digits of the SHA-256 of the canonical JSON of the config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def with_overrides(self, overrides: dict | list[str] | None) -> "RunConfig":
+        """A copy with dotted overrides applied, e.g. ``{"train.epochs": 3}`` or ``["train.epochs=3"]``."""
+        merged = self.to_dict()
+        for key, value in _parse_overrides(overrides).items():
+            section, _, name = key.partition(".")
+            if section not in merged or not name:
+                raise ConfigError(f"unknown config key {key!r}{_suggest(key, flat_keys(RunConfig))}")
+            if name not in merged[section]:
+                raise ConfigError(f"unknown config key {key!r}{_suggest(key, flat_keys(RunConfig))}")
+            merged[section][name] = value
+        return from_dict(merged)
+
+
+def flat_keys(cls=RunConfig) -> list[str]:
+    """All dotted keys of a run config: ``data.name``, ``train.epochs``, ..."""
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cls) for f in dataclasses.fields(s.default_factory)]
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_overrides(overrides) -> dict:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return parsed
+
+
+def _coerce(key: str, value, typ):
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} needs a list of integers, got {value!r}")
+        return tuple(_coerce(key, v, typing.get_args(typ)[0]) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key!r} needs a {typ.__name__}, got {value!r}")
+
+
+def _build(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'root'!r} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"unknown config key {prefix + k!r}{_suggest(prefix + k, flat_keys())}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, d[f.name], prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, d[f.name], typ)
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Build a RunConfig from a nested dict, rejecting unknown keys and wrong types."""
+    cfg = _build(RunConfig, d or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values that types alone do not: names of choices, bit-widths, sizes."""
+    from .quantizers import CORRECTIONS, check_bits
+
+    choices = {
+        "quant.norm": (cfg.quant.norm, ("switchable", "shared")),
+        "quant.correction": (cfg.quant.correction, CORRECTIONS),
+        "quant.fp_act": (cfg.quant.fp_act, ("relu", "clamp")),
+        "train.distill": (cfg.train.distill, ("recursive", "hard", "soft")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} is {value!r}: use one of {', '.join(allowed)}")
+    if not cfg.train.bits:
+        raise ConfigError("config key 'train.bits' is empty: name at least one bit-width")
+    for b in cfg.train.bits:
+        try:
+            check_bits(b)
+        except ValueError as e:
+            raise ConfigError(f"config key 'train.bits': {e}") from None
+    if len(set(cfg.train.bits)) != len(cfg.train.bits):
+        raise ConfigError(f"config key 'train.bits' repeats a bit-width: {cfg.train.bits}")
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "model.depth": cfg.model.depth, "model.width": cfg.model.width}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be positive, got {value}")
+    for key, value in {"data.train_size": cfg.data.train_size, "data.test_size": cfg.data.test_size}.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be 0 (all) or positive, got {value}")
+
+
+def load_config(path: str | Path | None = None, overrides=None, profile: str | None = None) -> RunConfig:
+    """Read a YAML config (or start from the defaults), apply a profile, then overrides."""
+    d = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = from_dict(d)
+    if profile is not None:
+        cfg = apply_profile(cfg, profile)
+    return cfg.with_overrides(overrides)
+
+
+# Scales of every chapter and config. smoke: seconds, for tests. cpu: the default of
+# `make book`, the whole book within 30 minutes on 2 cores. gpu: full data, long schedules.
+PROFILES: dict[str, dict] = {
+    "smoke": {"data.train_size": 512, "data.test_size": 256, "data.augment": False, "model.depth": 8,
+              "model.width": 0.25, "train.epochs": 1, "train.batch_size": 64},
+    # ResNet-20 at a quarter width on 4096 images: about 50 s per 4-bit-width run on 2 cores.
+    "cpu": {"data.train_size": 4096, "data.test_size": 2000, "data.augment": False, "model.depth": 20,
+            "model.width": 0.25, "train.epochs": 4, "train.batch_size": 128},
+    "gpu": {"data.train_size": 0, "data.test_size": 0, "data.augment": True, "model.depth": 20,
+            "model.width": 1.0, "train.epochs": 60, "train.batch_size": 128},
+}
+
+
+def apply_profile(cfg: RunConfig, profile: str) -> RunConfig:
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}: use one of {', '.join(PROFILES)}")
+    return cfg.with_overrides(PROFILES[profile])

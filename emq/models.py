@@ -1,0 +1,108 @@
+"""Multi-bit models. CIFAR ResNet-20 (He et al. 2016, option-B shortcuts) with a width
+multiplier, a depth parameter, an optional pre-activation layout and any number of input
+channels; the small variants of the cpu profile are the same code at a smaller width.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig, QuantConfig, RunConfig
+from .data import load_data
+from .layers import QAct, QConv2d, QLinear, QuantWeightMixin, make_norm
+
+
+class Block(nn.Module):
+    """Basic residual block: two 3x3 quantized convs, BN after each (or before, if preact)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, q: QuantConfig, bits: tuple[int, ...], preact: bool):
+        super().__init__()
+        self.preact = preact
+        self.conv1 = QConv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = QConv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn1 = make_norm(q.norm, cin if preact else cout, bits)
+        self.bn2 = make_norm(q.norm, cout, bits)
+        self.act1, self.act2 = QAct(q.fp_act), QAct(q.fp_act)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                QConv2d(cin, cout, 1, stride, bias=False),
+                *([] if preact else [make_norm(q.norm, cout, bits)]),
+            )
+
+    def forward(self, x):
+        if self.preact:
+            out = self.conv1(self.act1(self.bn1(x)))
+            return self.conv2(self.act2(self.bn2(out))) + self.shortcut(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet of depth 6n+2 with stage widths 16, 32, 64 times ``width``."""
+
+    def __init__(self, m: ModelConfig, q: QuantConfig, bits: tuple[int, ...], num_classes: int, in_channels: int):
+        super().__init__()
+        if (m.depth - 2) % 6:
+            raise ValueError(f"ResNet depth must be 6n+2 (8, 14, 20, 32, ...), got {m.depth}")
+        n = (m.depth - 2) // 6
+        widths = [max(1, round(c * m.width)) for c in (16, 32, 64)]
+        first = QConv2d if q.quantize_first_last else nn.Conv2d
+        last = QLinear if q.quantize_first_last else nn.Linear
+        self.stem = first(in_channels, widths[0], 3, 1, 1, bias=False)
+        # The stem's BN and activation are part of the first block's input in the
+        # pre-activation layout, so they only exist in the post-activation one.
+        self.stem_bn = nn.Identity() if m.preact else make_norm(q.norm, widths[0], bits)
+        self.stem_act = nn.Identity() if m.preact else QAct(q.fp_act)
+        blocks, cin = [], widths[0]
+        for stage, cout in enumerate(widths):
+            for i in range(n):
+                blocks.append(Block(cin, cout, 2 if (stage > 0 and i == 0) else 1, q, bits, m.preact))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head_bn = make_norm(q.norm, cin, bits) if m.preact else nn.Identity()
+        self.head_act = QAct(q.fp_act) if m.preact else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = last(cin, num_classes)
+        for mod in self.modules():
+            if isinstance(mod, QuantWeightMixin):
+                mod.configure(q.correction, q.detach_stats, q.scale_by_mean)
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x):
+        """Penultimate features (after global pooling), the input of the classifier."""
+        x = self.stem_act(self.stem_bn(self.stem(x)))
+        x = self.head_act(self.head_bn(self.blocks(x)))
+        return self.pool(x).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+ARCHS = {"resnet": ResNet}
+
+
+def make_model(m: ModelConfig, q: QuantConfig, bits: tuple[int, ...], num_classes: int, in_channels: int) -> nn.Module:
+    """Build the multi-bit model named by ``m.arch`` for the trained bit-widths ``bits``."""
+    if m.arch not in ARCHS:
+        raise ValueError(f"unknown arch {m.arch!r}: use one of {', '.join(ARCHS)}")
+    return ARCHS[m.arch](m, q, bits, num_classes, in_channels)
+
+
+def build_model(cfg: RunConfig, data, device: torch.device | str = "cpu") -> nn.Module:
+    """The model of ``cfg``, initialised from ``cfg.train.seed`` without touching global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = make_model(cfg.model, cfg.quant, cfg.train.bits, data.num_classes, data.in_channels)
+    return model.to(device)
+
+
+def load_trained(run, data=None, device: str = "cpu") -> nn.Module:
+    """The final model of a finished run, loaded with ``weights_only=True``."""
+    if not run.finished:
+        raise ConfigError(f"run {run.path} has not finished: train it (or resume it) first")
+    data = data or load_data(run.config.data)
+    model = build_model(run.config, data, device)
+    model.load_state_dict(torch.load(run.path / "model.pt", map_location=device, weights_only=True))
+    return model.eval()

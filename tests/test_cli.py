@@ -1,0 +1,128 @@
+"""The command line, run as a user runs it: ``python -m emq`` in a subprocess.
+
+Bad input ends with a non-zero status and exactly one line on stderr, starting "error:",
+and leaves what was already written byte for byte as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
+TINY = ["--profile", "smoke", "--set", f"data.root={DATA_ROOT}", "--set", "data.train_size=128",
+        "--set", "data.test_size=64", "--set", "train.epochs=1"]
+
+pytestmark = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
+                                reason=f"Fashion-MNIST not under {DATA_ROOT} (python -m emq data fetch)")
+
+
+def emq(*args, cwd: Path) -> subprocess.CompletedProcess:
+    # one intra-op thread: on a busy 2-core machine OpenMP spinning makes torch ~100x slower
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "emq", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The working directory of every command (so a default ``results/`` never lands in the repo)."""
+    return tmp_path_factory.mktemp("cwd")
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> tuple[Path, Path]:
+    """(store, run folder) of a tiny run trained through the command line."""
+    store = workdir / "store"
+    proc = emq("train", *TINY, "--results", store, "--no-progress", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"run (\S+): 2-bit [\d.]+%, 4-bit [\d.]+%, 8-bit [\d.]+%, 32-bit [\d.]+%", line)
+    assert m, line
+    run_dir = Path(m.group(1))
+    if not run_dir.is_absolute():
+        run_dir = workdir / run_dir
+    assert (run_dir / "summary.json").is_file()
+    return store, run_dir
+
+
+def test_train_then_eval_with_bn_reestimation_prints_a_line_per_bit_width(trained, workdir):
+    _, run_dir = trained
+    proc = emq("eval", run_dir, "--bits", "2,3", "--recalibrate-bn", "2", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == f"run {run_dir} (BN re-estimated on 2 batches)"
+    rows = [re.fullmatch(r"\s*(\d+)-bit\s+([\d.]+)%\s+(trained|not trained)", line) for line in lines[1:]]
+    assert all(rows), lines
+    assert [(int(r[1]), r[3]) for r in rows] == [(2, "trained"), (3, "not trained")]
+    evals = json.loads((run_dir / "evals.json").read_text())
+    assert [round(100 * evals[k], 2) for k in ("2/recal2", "3/recal2")] == [float(r[2]) for r in rows]
+
+
+def test_training_the_same_config_again_reads_the_finished_run_back(trained, workdir):
+    store, run_dir = trained
+    before = files_of(run_dir)
+    proc = emq("train", *TINY, "--results", store, "--no-progress", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(f"run {run_dir}:")
+    assert files_of(run_dir) == before
+
+
+BAD_INPUT = {
+    "unknown config key": (["train", *TINY, "--set", "train.epoch=3"], ["unknown config key 'train.epoch'",
+                                                                        "did you mean 'train.epochs'?"]),
+    "bad type": (["train", *TINY, "--set", "train.epochs=three"], ["config key 'train.epochs'", "'three'"]),
+    "missing dataset root": (["train", *TINY, "--set", "data.root=/nonexistent"], ["/nonexistent"]),
+    "not a run folder": (["eval", "{empty}"], ["is not a run folder"]),
+    "unfinished run": (["eval", "{unfinished}"], ["has not finished"]),
+    "negative recalibration": (["eval", "{run}", "--recalibrate-bn", "-1"], ["--recalibrate-bn"]),
+    "unknown bit-width in --bits": (["eval", "{run}", "--bits", "2,33"], ["unsupported bit-width 33"]),
+    "unknown device": (["eval", "{run}", "--device", "nonsense"], ["nonsense"]),
+}
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_nonzero_with_one_error_line_and_touches_nothing(case, trained, workdir, tmp_path):
+    store, run_dir = trained
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(run_dir / "config.json", unfinished / "config.json")
+    (tmp_path / "empty").mkdir()
+    args, fragments = BAD_INPUT[case]
+    args = [a.format(run=run_dir, empty=tmp_path / "empty", unfinished=unfinished) for a in args]
+    if args[0] == "train":
+        args += ["--results", store, "--no-progress"]
+    before = files_of(store)
+    proc = emq(*args, cwd=workdir)
+    assert proc.returncode != 0
+    assert {k: v for k, v in files_of(store).items() if k in before} == before
+    assert_one_error_line(proc, *fragments)
+
+
+def test_a_bad_bit_width_does_not_modify_a_finished_run(trained, workdir):
+    _, run_dir = trained
+    before = files_of(run_dir)
+    proc = emq("eval", run_dir, "--bits", "2,33", cwd=workdir)
+    assert proc.returncode != 0 and "unsupported bit-width 33" in proc.stderr
+    assert files_of(run_dir) == before
+
+
+def test_no_command_is_a_usage_error(workdir):
+    proc = emq(cwd=workdir)
+    assert proc.returncode == 2 and "usage:" in proc.stderr

@@ -1,0 +1,224 @@
+"""Configs: defaults, strict loading, overrides, profiles, and the hash that keys the store."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+
+from emq.config import (
+    PROFILES,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    QuantConfig,
+    RunConfig,
+    TrainConfig,
+    flat_keys,
+    from_dict,
+    load_config,
+)
+
+# a different, valid value for every key whose values are a closed set of choices
+OTHER_CHOICE = {"quant.norm": "shared", "quant.correction": "mean", "quant.fp_act": "clamp",
+                "train.distill": "hard", "train.bits": (2, 3)}
+
+
+def get(cfg: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def another_value(key: str, value):
+    """A valid value of ``key`` different from ``value``."""
+    if key in OTHER_CHOICE:
+        return OTHER_CHOICE[key]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5
+    if isinstance(value, str):
+        return value + "_other"
+    raise AssertionError(f"no alternative for {key}={value!r}")
+
+
+# ---- defaults and round trips --------------------------------------------------------------------
+def test_defaults_are_the_documented_ones():
+    cfg = RunConfig()
+    assert cfg.data == DataConfig() and cfg.data.name == "fashion_mnist"
+    assert cfg.train.bits == (2, 4, 8, 32) and cfg.train.distill == "recursive"
+    assert cfg.quant.norm == "switchable" and cfg.quant.correction == "none"
+    assert cfg.quant.quantize_first_last is False
+    assert cfg.model == ModelConfig(arch="resnet", depth=20, width=1.0, preact=False)
+    assert load_config() == cfg
+
+
+def test_defaults_round_trip_through_to_dict_and_from_dict():
+    cfg = RunConfig()
+    assert from_dict(cfg.to_dict()) == cfg
+    # also through JSON, where the tuple of bits becomes a list
+    again = from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.hash() == cfg.hash()
+    assert isinstance(again.train.bits, tuple)
+
+
+def test_a_non_default_config_round_trips_too():
+    cfg = RunConfig().with_overrides({k: another_value(k, get(RunConfig(), k)) for k in flat_keys()})
+    assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_missing_keys_take_their_defaults():
+    assert from_dict({}) == RunConfig()
+    assert from_dict({"train": {"epochs": 3}}) == RunConfig(train=TrainConfig(epochs=3))
+
+
+def test_flat_keys_name_every_field():
+    keys = flat_keys()
+    assert "train.epochs" in keys and "quant.correction" in keys and "data.root" in keys
+    assert len(keys) == sum(len(dataclasses.fields(c)) for c in (DataConfig, ModelConfig, QuantConfig, TrainConfig))
+
+
+# ---- hash --------------------------------------------------------------------------------------------
+def test_hash_is_12_hex_digits_of_the_sha256_of_the_canonical_json():
+    cfg = RunConfig()
+    blob = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+    assert cfg.hash() == hashlib.sha256(blob.encode()).hexdigest()[:12]
+    assert len(cfg.hash()) == 12 and int(cfg.hash(), 16) >= 0
+
+
+def test_hash_is_stable_across_equal_configs_built_differently():
+    a = load_config(overrides=["train.epochs=3", "quant.norm=shared"])
+    b = from_dict({"quant": {"norm": "shared"}, "train": {"epochs": 3}})
+    c = RunConfig(quant=QuantConfig(norm="shared"), train=TrainConfig(epochs=3))
+    assert a.hash() == b.hash() == c.hash()
+
+
+@pytest.mark.parametrize("key", flat_keys())
+def test_hash_changes_with_any_field(key):
+    base = RunConfig()
+    changed = base.with_overrides({key: another_value(key, get(base, key))})
+    assert get(changed, key) != get(base, key)
+    assert changed.hash() != base.hash()
+
+
+def test_float_and_int_spellings_of_a_float_hash_alike():
+    assert load_config(overrides=["model.width=1"]).hash() == RunConfig().hash()
+
+
+# ---- strictness ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build", [
+    lambda: RunConfig().with_overrides({"train.epoch": 3}),
+    lambda: load_config(overrides=["train.epoch=3"]),
+    lambda: from_dict({"train": {"epoch": 3}}),
+], ids=["with_overrides", "load_config", "from_dict"])
+def test_unknown_key_is_rejected_with_a_did_you_mean_suggestion(build):
+    with pytest.raises(ConfigError) as e:
+        build()
+    msg = str(e.value)
+    assert "unknown config key 'train.epoch'" in msg and "did you mean 'train.epochs'?" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="unknown config key 'trian.epochs'.*did you mean 'train.epochs'"):
+        RunConfig().with_overrides({"trian.epochs": 3})
+    with pytest.raises(ConfigError, match="unknown config key 'optim'"):
+        from_dict({"optim": {"lr": 1}})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.epochs", "three"), ("train.epochs", 2.5), ("train.epochs", True), ("model.width", "wide"),
+    ("model.preact", "yes"), ("model.preact", 1), ("quant.norm", 3), ("train.bits", "2,four"),
+    ("train.bits", {"a": 1}), ("data.train_size", None),
+])
+def test_wrong_type_is_rejected_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as e:
+        RunConfig().with_overrides({key: value})
+    assert f"config key '{key}'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_section_that_is_not_a_mapping_is_rejected():
+    with pytest.raises(ConfigError, match="config section 'train' must be a mapping"):
+        from_dict({"train": 5})
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("2,4,8", (2, 4, 8)), ("2, 4 ,8,", (2, 4, 8)), ("32", (32,)), (8, (8,)), ([2, 32], (2, 32)),
+])
+def test_bits_given_as_a_string_or_number_are_parsed_to_a_tuple(value, expected):
+    assert RunConfig().with_overrides({"train.bits": value}).train.bits == expected
+
+
+def test_bits_given_on_the_command_line_are_parsed_to_a_tuple():
+    cfg = load_config(overrides=["train.bits=2,4,8", "train.epochs=3", "model.width=0.5", "quant.detach_stats=false"])
+    assert cfg.train.bits == (2, 4, 8)
+    assert cfg.train.epochs == 3 and cfg.model.width == 0.5 and cfg.quant.detach_stats is False
+
+
+@pytest.mark.parametrize("bits, what", [("2,33", "unsupported bit-width 33"), ("0", "unsupported bit-width 0"),
+                                        ("2,2", "repeats a bit-width"), ("[]", "is empty")])
+def test_bad_bit_widths_are_rejected(bits, what):
+    with pytest.raises(ConfigError, match="train.bits") as e:
+        load_config(overrides=[f"train.bits={bits}"])
+    assert what in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("quant.norm", "foo"), ("quant.correction", "median"),
+                                        ("quant.fp_act", "gelu"), ("train.distill", "self")])
+def test_invalid_choice_is_rejected_naming_the_key_and_the_choices(key, value):
+    with pytest.raises(ConfigError) as e:
+        RunConfig().with_overrides({key: value})
+    assert f"config key '{key}' is '{value}': use one of" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("train.epochs", 0), ("train.batch_size", -1), ("model.depth", 0),
+                                        ("model.width", 0.0), ("data.train_size", -5)])
+def test_non_positive_sizes_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        RunConfig().with_overrides({key: value})
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(overrides=["train.epochs"])
+
+
+# ---- files and profiles ------------------------------------------------------------------------
+def test_yaml_file_then_profile_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("quant:\n  norm: shared\ntrain:\n  epochs: 7\n  bits: [2, 8, 32]\n")
+    cfg = load_config(path, overrides=["train.batch_size=32"], profile="smoke")
+    assert cfg.quant.norm == "shared" and cfg.train.bits == (2, 8, 32)
+    assert cfg.train.epochs == PROFILES["smoke"]["train.epochs"]  # the profile wins over the file
+    assert cfg.train.batch_size == 32  # overrides win over the profile
+    assert cfg.model.depth == PROFILES["smoke"]["model.depth"]
+
+
+def test_missing_or_invalid_yaml_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_applies_its_overrides(profile):
+    cfg = load_config(profile=profile)
+    for key, value in PROFILES[profile].items():
+        assert get(cfg, key) == value
+
+
+def test_unknown_profile_is_rejected_naming_the_profiles():
+    with pytest.raises(ConfigError, match="unknown profile 'tiny': use one of smoke, cpu, gpu"):
+        load_config(profile="tiny")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().train.epochs = 3
