@@ -35,10 +35,10 @@ class QuantWeightMixin(MultiBit):
 
     def effective_weight(self, bits: int | None = None) -> torch.Tensor:
         bits = self.bits if bits is None else check_bits(bits)
-        ref = quantize_weight(self.weight, FULL_PRECISION, self.scale_by_mean)
-        if bits == FULL_PRECISION:
-            return ref
         q = quantize_weight(self.weight, bits, self.scale_by_mean)
+        if bits == FULL_PRECISION or self.correction == "none":
+            return q
+        ref = quantize_weight(self.weight, FULL_PRECISION, self.scale_by_mean)
         return correct_weight_bias(q, ref, self.correction, self.detach_stats)
 
 

@@ -132,8 +132,8 @@ class ResultsStore:
         """The run of ``cfg`` (created, with its config.json, if new)."""
         path = self.root / "runs" / cfg.hash()
         if (path / "config.json").is_file():
-            stored = read_json(path / "config.json")
-            if stored != json.loads(json.dumps(cfg.to_dict())):  # as stored: tuples become lists
+            stored = from_dict(read_json(path / "config.json"))  # fields added since get their defaults
+            if stored != cfg:  # as stored: tuples become lists
                 raise ConfigError(f"run folder {path} holds another config (hash collision or edited file)")
         else:
             write_json(path / "config.json", cfg.to_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,11 +83,24 @@ def test_flat_keys_name_every_field():
 
 
 # ---- hash --------------------------------------------------------------------------------------------
-def test_hash_is_12_hex_digits_of_the_sha256_of_the_canonical_json():
-    cfg = RunConfig()
-    blob = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+def test_hash_is_12_hex_digits_of_the_sha256_of_the_canonical_json_of_non_default_fields():
+    cfg = load_config(overrides=["train.epochs=3", "quant.norm=shared"])
+    assert cfg.non_default() == {"quant": {"norm": "shared"}, "train": {"epochs": 3}}
+    blob = json.dumps(cfg.non_default(), sort_keys=True, separators=(",", ":"))
     assert cfg.hash() == hashlib.sha256(blob.encode()).hexdigest()[:12]
     assert len(cfg.hash()) == 12 and int(cfg.hash(), 16) >= 0
+
+
+def test_a_run_stored_before_a_field_was_added_keeps_its_hash_and_folder(tmp_path):
+    """config.json of an older run lacks fields added since; their defaults fill them in."""
+    from emq.results import ResultsStore, write_json
+
+    cfg = load_config(overrides=["train.epochs=3"])
+    folder = tmp_path / "runs" / cfg.hash()
+    old = cfg.to_dict()
+    del old["quant"]["scale_by_mean"]  # as if the field did not exist when the run was made
+    write_json(folder / "config.json", old)
+    assert ResultsStore(tmp_path).run(cfg).path == folder
 
 
 def test_hash_is_stable_across_equal_configs_built_differently():
@@ -222,3 +236,12 @@ def test_unknown_profile_is_rejected_naming_the_profiles():
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().train.epochs = 3
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_agree_with_the_method_registry(path):
+    from emq.methods import method_config
+
+    cfg = load_config(path)
+    name = {"any_precision.yaml": "switchable", "emq_shared_bn.yaml": "shared_meanvar"}[path.name]
+    assert cfg == method_config(name, RunConfig())

@@ -1,0 +1,43 @@
+"""Shift-bit (power-of-two) quantization, made differentiable by a soft staircase.
+
+Levels ``{0, +-alpha 2^-j}``: at b bits one sign bit and ``2^(b-1) - 1`` magnitudes
+``alpha, alpha/2, ..., alpha 2^-(2^(b-1)-2)``. The exact formula of the paper is not public;
+ours (METHOD.md §5) is the sum of sigmoids ``sum_i delta_i sigmoid(lambda (|w| - t_i) / alpha)`` over
+the thresholds ``t_i`` halfway between consecutive magnitudes, with ``delta_i`` the step
+between them, the sign restored. As ``lambda`` grows the staircase becomes the hard
+quantizer: each |w| goes to the nearest level.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quantizers import check_bits
+
+
+def shift_levels(bits: int, alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The non-negative magnitudes ``[0, alpha 2^-(m-1), ..., alpha/2, alpha]``, ascending."""
+    check_bits(bits)
+    m = 2 ** (bits - 1) - 1  # number of non-zero magnitudes
+    exps = torch.arange(m - 1, -1, -1, dtype=torch.float64)
+    mags = torch.cat([torch.zeros(1, dtype=torch.float64), 2.0 ** (-exps)])
+    return mags * alpha
+
+
+def shift_soft(w: torch.Tensor, bits: int, lam: float, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """The soft staircase at steepness ``lam``; ``alpha`` defaults to ``max|w|`` (detached)."""
+    alpha = w.detach().abs().max().clamp_min(1e-12) if alpha is None else alpha
+    levels = shift_levels(bits).to(w.dtype).to(w.device) * alpha
+    thresholds = (levels[1:] + levels[:-1]) / 2
+    deltas = levels[1:] - levels[:-1]
+    a = w.abs().unsqueeze(-1)
+    mag = (deltas * torch.sigmoid(lam * (a - thresholds) / alpha)).sum(-1)
+    return torch.sign(w) * mag
+
+
+def shift_hard(w: torch.Tensor, bits: int, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """The hard quantizer: the nearest power-of-two level (or 0), the sign restored."""
+    alpha = w.detach().abs().max().clamp_min(1e-12) if alpha is None else alpha
+    levels = shift_levels(bits).to(w.dtype).to(w.device) * alpha
+    thresholds = (levels[1:] + levels[:-1]) / 2
+    idx = torch.bucketize(w.abs(), thresholds, right=True)
+    return torch.sign(w) * levels[idx]
