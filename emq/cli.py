@@ -12,6 +12,9 @@ import sys
 from .config import PROFILES, ConfigError, load_config
 from .data import DataError, fetch_fashion_mnist
 from .quantizers import check_bits
+from .evaluation import evaluate_run
+from .results import ResultsStore
+from .training import TrainingInterrupted, resolve_device, train
 
 
 def _bits_list(text: str) -> list[int]:
@@ -56,19 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            from .results import ResultsStore
-            from .training import train
-
             cfg = load_config(args.config, args.overrides, args.profile)
             resolve_device(args.device)
             run = train(cfg, ResultsStore(args.results), device=args.device, progress=not args.no_progress)
             acc = run.summary["acc"]
             print(f"run {run.path}: " + ", ".join(f"{b}-bit {100 * acc[b]:.2f}%" for b in sorted(acc, key=int)))
         elif args.command == "eval":
-            from .evaluation import evaluate_run
-            from .results import ResultsStore
-            from .training import resolve_device
-
             bits = _bits_list(args.bits)
             resolve_device(args.device)
             run = ResultsStore().open(args.run_dir)
@@ -85,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted: the run keeps its last checkpoint; run the same command again to resume", file=sys.stderr)
         return 130

@@ -128,9 +128,13 @@ class ResultsStore:
     def __init__(self, root: str | Path = "results"):
         self.root = Path(root)
 
+    def path_of(self, cfg: RunConfig) -> Path:
+        """The folder of the run of ``cfg`` (which may not exist yet)."""
+        return self.root / "runs" / cfg.hash()
+
     def run(self, cfg: RunConfig) -> Run:
         """The run of ``cfg`` (created, with its config.json, if new)."""
-        path = self.root / "runs" / cfg.hash()
+        path = self.path_of(cfg)
         if (path / "config.json").is_file():
             stored = from_dict(read_json(path / "config.json"))  # fields added since get their defaults
             if stored != cfg:  # as stored: tuples become lists

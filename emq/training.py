@@ -7,7 +7,10 @@ run ends with the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -76,6 +79,32 @@ def learning_rate(cfg: RunConfig, step: int, total: int, steps_per_epoch: int) -
     return 0.5 * cfg.train.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGTERM or Ctrl-C after saving a checkpoint of the current step."""
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """SIGTERM or a first Ctrl-C ask training to stop after the current step; a second Ctrl-C
+    stops at once. Outside the main thread signals cannot be caught, and nothing changes."""
+    requested = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested["stop"] = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -111,12 +140,13 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
 
     ``stop_after`` ends the session after that many steps in total, leaving a checkpoint
     (for tests of resumption). ``data`` may pass an already loaded dataset of ``cfg.data``.
+    SIGTERM or Ctrl-C save a checkpoint of the current step and raise TrainingInterrupted.
     """
-    run = store.run(cfg)
-    if run.finished:
-        return run
+    if (store.path_of(cfg) / "summary.json").is_file():
+        return store.run(cfg)
     dev = resolve_device(device)
-    data = data or load_data(cfg.data)
+    data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
+    run = store.run(cfg)
     t = cfg.train
     steps_per_epoch = len(data.train) // t.batch_size
     if steps_per_epoch == 0:
@@ -127,36 +157,42 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                           nesterov=t.momentum > 0)
     state = _resume(run, model, opt, dev)
     every = t.checkpoint_every or steps_per_epoch
+    last = total if stop_after is None else min(total, max(stop_after, state.step + 1))
     bar = tqdm(total=total, initial=state.step, desc=f"train {run.hash}", disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)
     started = time.perf_counter() - state.elapsed
     model.train()
-    while state.step < total:
-        epoch, start = divmod(state.step, steps_per_epoch)
-        for x, y, _ in data.train.batches(t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed,
-                                          epoch=epoch, start=start, device=dev):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch)
-            opt.zero_grad(set_to_none=True)
-            losses = multibit_step(model, x, y, t.bits, t.distill)
-            opt.step()
-            state.step += 1
-            state.elapsed = time.perf_counter() - started
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[max(t.bits)]:.3f}")
-            if state.step % steps_per_epoch == 0:
-                accs = {str(b): evaluate(model, data.test, b, device=dev) for b in t.bits}
-                run.append_metrics({"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
-                                    "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
-                                    "elapsed_s": round(state.elapsed, 3)})
-                model.train()
-            if state.step % every == 0 or state.step == total:
-                _checkpoint(run, model, opt, state)
-            if stop_after is not None and state.step >= stop_after and state.step < total:
-                _checkpoint(run, model, opt, state)
-                bar.close()
-                return run
+    with _stop_requests() as requested:
+        while state.step < last:
+            epoch, start = divmod(state.step, steps_per_epoch)
+            for x, y, _ in data.train.batches(t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed,
+                                              epoch=epoch, start=start, device=dev):
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch)
+                opt.zero_grad(set_to_none=True)
+                losses = multibit_step(model, x, y, t.bits, t.distill)
+                opt.step()
+                state.step += 1
+                state.elapsed = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[max(t.bits)]:.3f}")
+                if state.step % steps_per_epoch == 0:
+                    accs = {str(b): evaluate(model, data.test, b, device=dev) for b in t.bits}
+                    run.append_metrics({"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
+                                        "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
+                                        "elapsed_s": round(state.elapsed, 3)})
+                    model.train()
+                if state.step % every == 0 or state.step == last or requested["stop"]:
+                    _checkpoint(run, model, opt, state)
+                if requested["stop"]:
+                    bar.close()
+                    raise TrainingInterrupted(f"training of run {run.hash} stopped at step {state.step}/{total}; "
+                                              f"checkpoint saved: run the same command again to resume")
+                if state.step == last:
+                    break
     bar.close()
+    if state.step < total:  # stopped by stop_after
+        return run
     save_torch(run.path / "model.pt", model.state_dict())
     final = run.metrics()[-1]["test_acc"]
     passes = t.epochs * steps_per_epoch * t.batch_size

@@ -126,3 +126,33 @@ def test_a_bad_bit_width_does_not_modify_a_finished_run(trained, workdir):
 def test_no_command_is_a_usage_error(workdir):
     proc = emq(cwd=workdir)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(workdir, tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    args = [*TINY, "--set", "train.epochs=20", "--set", "train.batch_size=16", "--no-progress"]  # 160 steps
+    uninterrupted = emq("train", *args, "--results", tmp_path / "a", cwd=workdir)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    store = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "emq", "train", *map(str, args), "--results", str(store)],
+                            cwd=workdir, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(store.glob("runs/*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.startswith("interrupted:") and "checkpoint saved" in err, err
+    (run_dir,) = store.glob("runs/*")
+    assert not (run_dir / "summary.json").exists()
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+    assert 8 <= step < 160
+    resumed = emq("train", *args, "--results", store, cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "a" / "runs" / run_dir.name / "model.pt", weights_only=True)
+    b = torch.load(run_dir / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
