@@ -25,12 +25,12 @@ $(FASHION): | $(VENV)/.installed
 
 data: $(FASHION)
 
-# Execute every chapter in place at $(PROFILE) (cpu by default); finished runs are read
-# back from results/, so a re-run only computes what is new.
+# Execute every chapter in place at $(PROFILE) (cpu, the chapters' default, injects no
+# parameters); finished runs are read back from results/, so a re-run computes only what is new.
 chapters: venv data
 	@for nb in $(CHAPTERS); do \
 	  echo "== $$nb ($(PROFILE))"; \
-	  $(VENV)/bin/papermill --cwd book -p profile $(PROFILE) $$nb $$nb || exit 1; \
+	  $(VENV)/bin/papermill --cwd book $(if $(filter-out cpu,$(PROFILE)),-p profile $(PROFILE)) $$nb $$nb || exit 1; \
 	done
 
 html: venv

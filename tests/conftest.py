@@ -1,6 +1,10 @@
-"""Shared test set-up: the notebooks' smoke runs start from an empty results store."""
+"""Shared test set-up: one torch thread per test, and the notebooks' smoke runs start from an
+empty results store."""
 import shutil
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_RESULTS = ROOT / "_build" / "test-results"  # results_dir of tests/notebooks/*.ipynb
@@ -9,3 +13,13 @@ NOTEBOOK_RESULTS = ROOT / "_build" / "test-results"  # results_dir of tests/note
 def pytest_sessionstart(session):
     """Remove the notebooks' results store, so nbval re-trains instead of reading back."""
     shutil.rmtree(NOTEBOOK_RESULTS, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the tests' tensors are tiny, and on a busy 2-core machine OpenMP
+    threads spinning against another process make torch many times slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -23,14 +23,6 @@ from emq.quantizers import quantize_weight
 BITS = (2, 4, 8, 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def model(depth=8, width=0.25, preact=False, bits=BITS, seed=0, **quant) -> nn.Module:
     torch.manual_seed(seed)
     return make_model(ModelConfig(depth=depth, width=width, preact=preact), QuantConfig(**quant), bits,

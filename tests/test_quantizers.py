@@ -25,15 +25,6 @@ LOW_BITS = [1, 2, 3, 4, 5, 8, 16]
 UNSUPPORTED = [0, 17, 33, -2, 2.5, True, False, "4", None]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes torch ~100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def weights(shape=(8, 4, 3, 3), seed=0, scale=0.5) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).normal(0.0, scale, shape))  # float64
 
