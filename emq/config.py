@@ -46,6 +46,8 @@ class QuantConfig:
     fp_act: str = "relu"  # activation at 32 bits: relu (Any-Precision) | clamp to [0, 1]
     scale_by_mean: bool = False  # multiply quantized weights by E = mean|W| (Any-Precision option)
     quantize_first_last: bool = False  # the stem conv and classifier stay full precision by default
+    weight_quantizer: str = "dorefa"  # dorefa | lsq | qil | shift | double_rounding (emq.schemes)
+    act_quantizer: str = "dorefa"  # dorefa | lsq | qil
 
 
 @dataclass(frozen=True)
@@ -184,8 +186,11 @@ def from_dict(d: dict) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Check values that types alone do not: names of choices, bit-widths, sizes."""
     from .quantizers import CORRECTIONS, check_bits
+    from .schemes import ACT_SCHEMES, WEIGHT_SCHEMES
 
     choices = {
+        "quant.weight_quantizer": (cfg.quant.weight_quantizer, tuple(WEIGHT_SCHEMES)),
+        "quant.act_quantizer": (cfg.quant.act_quantizer, tuple(ACT_SCHEMES)),
         "quant.norm": (cfg.quant.norm, ("switchable", "shared")),
         "quant.correction": (cfg.quant.correction, CORRECTIONS),
         "quant.fp_act": (cfg.quant.fp_act, ("relu", "clamp")),

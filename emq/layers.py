@@ -24,22 +24,35 @@ class MultiBit(nn.Module):
 
 
 class QuantWeightMixin(MultiBit):
-    """Effective weight ``W_b``: ``Q_b(W)``, bias-corrected towards ``Q_32(W)`` for b < 32."""
+    """Effective weight ``W_b``: ``Q_b(W)``, bias-corrected towards ``Q_32(W)`` for b < 32.
+
+    ``Q_b`` is DoReFa (METHOD.md §1) unless a ``weight_quantizer`` module of another scheme
+    (:mod:`emq.schemes`) is set; it is then called as ``weight_quantizer(W, b)``.
+    """
 
     correction: str = "none"
     detach_stats: bool = True
     scale_by_mean: bool = False
 
-    def configure(self, correction: str, detach_stats: bool, scale_by_mean: bool) -> None:
+    def configure(self, correction: str, detach_stats: bool, scale_by_mean: bool,
+                  weight_quantizer: nn.Module | None = None) -> None:
         self.correction, self.detach_stats, self.scale_by_mean = correction, detach_stats, scale_by_mean
+        if weight_quantizer is not None:
+            self.weight_quantizer = weight_quantizer  # a submodule: its parameters are the layer's
+
+    def _quantize(self, bits: int) -> torch.Tensor:
+        # Looked up among the submodules: a class-level default would shadow the registered one.
+        quantizer = self._modules.get("weight_quantizer")
+        if quantizer is None:
+            return quantize_weight(self.weight, bits, self.scale_by_mean)
+        return quantizer(self.weight, bits)
 
     def effective_weight(self, bits: int | None = None) -> torch.Tensor:
         bits = self.bits if bits is None else check_bits(bits)
-        q = quantize_weight(self.weight, bits, self.scale_by_mean)
+        q = self._quantize(bits)
         if bits == FULL_PRECISION or self.correction == "none":
             return q
-        ref = quantize_weight(self.weight, FULL_PRECISION, self.scale_by_mean)
-        return correct_weight_bias(q, ref, self.correction, self.detach_stats)
+        return correct_weight_bias(q, self._quantize(FULL_PRECISION), self.correction, self.detach_stats)
 
 
 class QConv2d(nn.Conv2d, QuantWeightMixin):
@@ -57,17 +70,23 @@ class QLinear(nn.Linear, QuantWeightMixin):
 
 
 class QAct(MultiBit):
-    """Activation: ``q_b(x)`` for b < 32; at 32 bits ``fp_act`` ("relu" or "clamp" to [0, 1])."""
+    """Activation: ``q_b(x)`` for b < 32; at 32 bits ``fp_act`` ("relu" or "clamp" to [0, 1]).
 
-    def __init__(self, fp_act: str = "relu"):
+    With a ``quantizer`` module of another scheme (:mod:`emq.schemes`), b < 32 uses it instead.
+    """
+
+    def __init__(self, fp_act: str = "relu", quantizer: nn.Module | None = None):
         super().__init__()
         if fp_act not in ("relu", "clamp"):
             raise ValueError(f"unknown full-precision activation {fp_act!r}: use relu or clamp")
         self.fp_act = fp_act
+        self.quantizer = quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits == FULL_PRECISION and self.fp_act == "relu":
-            return F.relu(x)
+        if self.bits == FULL_PRECISION:
+            return F.relu(x) if self.fp_act == "relu" else quantize_activation(x, FULL_PRECISION)
+        if self.quantizer is not None:
+            return self.quantizer(x, self.bits)
         return quantize_activation(x, self.bits)
 
     def extra_repr(self) -> str:

@@ -17,6 +17,10 @@ METHODS: dict[str, dict] = {
     "shared_mean": {"quant.norm": "shared", "quant.correction": "mean", "quant.fp_act": "clamp"},
     # Shared BN with correction of mean and spread (§2, mean+var mode).
     "shared_meanvar": {"quant.norm": "shared", "quant.correction": "meanvar", "quant.fp_act": "clamp"},
+    # LSQ (METHOD.md §5): learned step sizes for weights and activations, one per bit-width.
+    "lsq": {"quant.norm": "switchable", "quant.weight_quantizer": "lsq", "quant.act_quantizer": "lsq"},
+    # QIL (METHOD.md §5): learned quantization intervals for weights and activations.
+    "qil": {"quant.norm": "switchable", "quant.weight_quantizer": "qil", "quant.act_quantizer": "qil"},
 }
 
 

@@ -10,6 +10,12 @@ from torch import nn
 from .config import ConfigError, ModelConfig, QuantConfig, RunConfig
 from .data import load_data
 from .layers import QAct, QConv2d, QLinear, QuantWeightMixin, make_norm
+from .schemes import make_act_quantizer, make_weight_quantizer
+
+
+def make_act(q: QuantConfig, bits: tuple[int, ...]) -> QAct:
+    """An activation of the configured scheme (its learnable parameters are its own)."""
+    return QAct(q.fp_act, make_act_quantizer(q.act_quantizer, bits))
 
 
 class Block(nn.Module):
@@ -22,7 +28,7 @@ class Block(nn.Module):
         self.conv2 = QConv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn1 = make_norm(q.norm, cin if preact else cout, bits)
         self.bn2 = make_norm(q.norm, cout, bits)
-        self.act1, self.act2 = QAct(q.fp_act), QAct(q.fp_act)
+        self.act1, self.act2 = make_act(q, bits), make_act(q, bits)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
@@ -53,7 +59,7 @@ class ResNet(nn.Module):
         # The stem's BN and activation are part of the first block's input in the
         # pre-activation layout, so they only exist in the post-activation one.
         self.stem_bn = nn.Identity() if m.preact else make_norm(q.norm, widths[0], bits)
-        self.stem_act = nn.Identity() if m.preact else QAct(q.fp_act)
+        self.stem_act = nn.Identity() if m.preact else make_act(q, bits)
         blocks, cin = [], widths[0]
         for stage, cout in enumerate(widths):
             for i in range(n):
@@ -61,12 +67,13 @@ class ResNet(nn.Module):
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.head_bn = make_norm(q.norm, cin, bits) if m.preact else nn.Identity()
-        self.head_act = QAct(q.fp_act) if m.preact else nn.Identity()
+        self.head_act = make_act(q, bits) if m.preact else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = last(cin, num_classes)
         for mod in self.modules():
             if isinstance(mod, QuantWeightMixin):
-                mod.configure(q.correction, q.detach_stats, q.scale_by_mean)
+                mod.configure(q.correction, q.detach_stats, q.scale_by_mean,
+                              make_weight_quantizer(q.weight_quantizer, bits))
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
 

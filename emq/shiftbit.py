@@ -16,7 +16,9 @@ from .quantizers import check_bits
 
 def shift_levels(bits: int, alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
     """The non-negative magnitudes ``[0, alpha 2^-(m-1), ..., alpha/2, alpha]``, ascending."""
-    check_bits(bits)
+    if check_bits(bits) < 2:
+        raise ValueError(f"shift-bit quantization has no {bits}-bit level set: it needs a sign bit and at least one "
+                         f"magnitude bit (2 bits or more)")
     m = 2 ** (bits - 1) - 1  # number of non-zero magnitudes
     exps = torch.arange(m - 1, -1, -1, dtype=torch.float64)
     mags = torch.cat([torch.zeros(1, dtype=torch.float64), 2.0 ** (-exps)])
