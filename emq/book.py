@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import RunConfig, load_config
+from .config import DataConfig, RunConfig, load_config
 from .data import Dataset, load_data
 from .results import ResultsStore, Run, write_chapter_numbers
 from .training import train
@@ -43,20 +43,19 @@ class Chapter:
         self.seeds = SEEDS[profile]
         self.recalibration_batches = RECALIBRATION_BATCHES[profile]
         self.numbers: dict[str, float] = {}
-        self._data: dict[str, Dataset] = {}
+        self._data: dict[DataConfig, Dataset] = {}
 
     def data(self, cfg: RunConfig | None = None) -> Dataset:
         """The dataset of ``cfg`` (default: the profile's), loaded once per chapter."""
         dcfg = (cfg or self.base).data
-        key = repr(dcfg)
-        if key not in self._data:
-            self._data[key] = load_data(dcfg)
-        return self._data[key]
+        if dcfg not in self._data:
+            self._data[dcfg] = load_data(dcfg)
+        return self._data[dcfg]
 
     def run(self, cfg: RunConfig) -> Run:
         """Train ``cfg`` unless the store has it; prints one line either way."""
-        run = self.store.run(cfg)
-        if run.finished:
+        if (self.store.path_of(cfg) / "summary.json").is_file():
+            run = self.store.run(cfg)
             print(f"run {run.hash}: read from the store")
             return run
         t0 = time.perf_counter()
@@ -64,11 +63,15 @@ class Chapter:
         print(f"run {run.hash}: trained in {time.perf_counter() - t0:.0f} s")
         return run
 
+    def record(self, name: str, value: float) -> None:
+        """Keep a headline number for the chapter's JSON (``results/chapters/<chapter>.json``)."""
+        self.numbers[name] = float(value)
+
     def glue(self, name: str, value: float) -> None:
-        """Glue ``value`` for the prose (``{glue:text}`name` ``) and keep it for the chapter's JSON."""
+        """Glue ``value`` for the prose (``{glue:text}`name` ``) and record it for the JSON."""
         from myst_nb import glue
 
-        self.numbers[name] = float(value)
+        self.record(name, value)
         glue(name, float(value), display=False)
 
     def save_numbers(self) -> Path:

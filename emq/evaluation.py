@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -75,23 +76,16 @@ def evaluate_run(run, bits: list[int], recalibrate: int = 0, data=None, device: 
 
 
 def accuracy_frame(runs: dict, bits: list[int], recalibrations: tuple[int, ...] = (0,), data=None,
-                   device: str = "cpu"):
+                   device: str = "cpu") -> pd.DataFrame:
     """Accuracy of every run at every bit-width and recalibration, as a long DataFrame.
 
     ``runs`` maps a label tuple ``(method, seed)`` to a finished Run. Columns: method, seed,
     run, bits, trained (the bit-width was in the run's training set), recal (batches of BN
-    re-estimation, 0 = zero-shot), acc.
+    re-estimation, 0 = zero-shot), acc. Evaluations come from (and go to) each run's cache.
     """
-    import pandas as pd
-
     rows = []
     for (method, seed), run in runs.items():
-        model = None
         for recal in recalibrations:
-            cached = run.evals()
-            if any(f"{b}/recal{recal}" not in cached for b in bits) and model is None:
-                data = data or load_data(run.config.data)
-                model = load_trained(run, data, device)
-            accs = evaluate_run(run, bits, recal, data=data, device=device, model=model)
+            accs = evaluate_run(run, bits, recal, data=data, device=device)
             rows += [(method, seed, run.hash, b, b in run.config.train.bits, recal, a) for b, a in accs.items()]
     return pd.DataFrame(rows, columns=["method", "seed", "run", "bits", "trained", "recal", "acc"])
