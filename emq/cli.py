@@ -11,8 +11,8 @@ import sys
 
 from .config import PROFILES, ConfigError, load_config
 from .data import DataError, fetch_fashion_mnist
-from .quantizers import check_bits
 from .evaluation import evaluate_run
+from .quantizers import check_bits
 from .results import ResultsStore
 from .training import TrainingInterrupted, resolve_device, train
 

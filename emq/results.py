@@ -132,12 +132,16 @@ class ResultsStore:
         """The folder of the run of ``cfg`` (which may not exist yet)."""
         return self.root / "runs" / cfg.hash()
 
+    def is_finished(self, cfg: RunConfig) -> bool:
+        """Whether the run of ``cfg`` has finished (without creating its folder)."""
+        return (self.path_of(cfg) / "summary.json").is_file()
+
     def run(self, cfg: RunConfig) -> Run:
         """The run of ``cfg`` (created, with its config.json, if new)."""
         path = self.path_of(cfg)
         if (path / "config.json").is_file():
             stored = from_dict(read_json(path / "config.json"))  # fields added since get their defaults
-            if stored != cfg:  # as stored: tuples become lists
+            if stored != cfg:
                 raise ConfigError(f"run folder {path} holds another config (hash collision or edited file)")
         else:
             write_json(path / "config.json", cfg.to_dict())

@@ -142,7 +142,7 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     (for tests of resumption). ``data`` may pass an already loaded dataset of ``cfg.data``.
     SIGTERM or Ctrl-C save a checkpoint of the current step and raise TrainingInterrupted.
     """
-    if (store.path_of(cfg) / "summary.json").is_file():
+    if store.is_finished(cfg):
         return store.run(cfg)
     dev = resolve_device(device)
     data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
