@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import DataConfig, RunConfig, load_config
 from .data import Dataset, load_data
+from .methods import method_configs
 from .results import ResultsStore, Run, write_chapter_numbers
 from .training import train
 
@@ -63,6 +64,10 @@ class Chapter:
         print(f"run {run.hash}: trained in {time.perf_counter() - t0:.0f} s")
         return run
 
+    def run_method(self, name: str, base: RunConfig | None = None, **overrides) -> list[Run]:
+        """Train (or read) every run of method ``name``: its pretraining stage first, if any."""
+        return [self.run(cfg) for cfg in method_configs(name, base or self.base, **overrides)]
+
     def record(self, name: str, value: float) -> None:
         """Keep a headline number for the chapter's JSON (``results/chapters/<chapter>.json``)."""
         self.numbers[name] = float(value)
@@ -76,6 +81,15 @@ class Chapter:
 
     def save_numbers(self) -> Path:
         return write_chapter_numbers(self.store.root, self.name, self.numbers)
+
+
+def training_cost(runs: list[Run]) -> dict[str, float]:
+    """What a method's runs cost together: wall time, and sample-passes (one sample forward and
+    backward at one bit-width, or through a companion model), scoring passes included."""
+    wall = sum(r.summary["wall_time_s"] for r in runs)
+    passes = sum(p["forward"] for r in runs for p in r.summary["sample_passes"].values())
+    passes += sum(r.summary.get("scoring_passes", 0) for r in runs)
+    return {"wall_time_s": wall, "sample_passes": passes}
 
 
 def runs_caption(runs: list[Run]) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import PROFILES, ConfigError, load_config
+from .config import PROFILES, ConfigError, load_config, parse_overrides
 from .data import DataError, fetch_fashion_mnist
 from .evaluation import evaluate_run
+from .methods import METHODS, method_configs
 from .quantizers import check_bits
 from .results import ResultsStore
 from .training import TrainingInterrupted, resolve_device, train
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     t.add_argument("--profile", choices=sorted(PROFILES), help="scale: smoke, cpu or gpu (applied before --set)")
+    t.add_argument("--method", help="a registered method (python -m emq methods), applied before --set; "
+                                    "its pretraining run, if any, is trained first")
     t.add_argument("--results", default="results", help="results store folder (default: results)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -47,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="re-estimate BatchNorm statistics on N training batches first (0: zero-shot)")
     e.add_argument("--device", default="cpu")
+
+    sub.add_parser("methods", help="list the registered methods")
 
     d = sub.add_parser("data", help="get the embedded dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -59,11 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            cfg = load_config(args.config, args.overrides, args.profile)
+            cfg = load_config(args.config, None, args.profile)
+            if args.method:
+                stages = method_configs(args.method, cfg, **parse_overrides(args.overrides))
+            else:
+                stages = [cfg.with_overrides(args.overrides)]
             resolve_device(args.device)
-            run = train(cfg, ResultsStore(args.results), device=args.device, progress=not args.no_progress)
-            acc = run.summary["acc"]
-            print(f"run {run.path}: " + ", ".join(f"{b}-bit {100 * acc[b]:.2f}%" for b in sorted(acc, key=int)))
+            for cfg in stages:
+                run = train(cfg, ResultsStore(args.results), device=args.device, progress=not args.no_progress)
+                acc = run.summary["acc"]
+                print(f"run {run.path}: " + ", ".join(f"{b}-bit {100 * acc[b]:.2f}%" for b in sorted(acc, key=int)))
+        elif args.command == "methods":
+            width = max(map(len, METHODS))
+            for name, method in METHODS.items():
+                print(f"{name:<{width}}  {method.about}")
         elif args.command == "eval":
             bits = _bits_list(args.bits)
             resolve_device(args.device)

@@ -48,6 +48,9 @@ class QuantConfig:
     quantize_first_last: bool = False  # the stem conv and classifier stay full precision by default
     weight_quantizer: str = "dorefa"  # dorefa | lsq | qil | shift | double_rounding (emq.schemes)
     act_quantizer: str = "dorefa"  # dorefa | lsq | qil
+    steepness_start: float = 10.0  # shift-bit soft staircase: steepness lambda at the first step ...
+    steepness_end: float = 1000.0  # ... raised geometrically to this at the last step
+    alrs: bool = False  # Double Rounding: scale's gradient scaled per precision (Adaptive LR Scaling)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,11 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up before the cosine
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    distill: str = "recursive"  # recursive | hard (all CE) | soft (full precision teaches all)
+    distill: str = "recursive"  # recursive | hard (all CE) | soft (full precision teaches all) | joint
+    kd_temperature: float = 4.0  # joint: temperature T of the KL terms with the full-precision companion
+    progressive: str = "none"  # none | weights_first (activations quantized from the second half) | bits
+    stochastic_precision: float = 0.0  # 0 = off; else the share of blocks quantized at the start, rising to 1
+    init_from: str = ""  # hash of a finished run in the same store whose weights start this one
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
 
@@ -96,7 +103,7 @@ class RunConfig:
     def with_overrides(self, overrides: dict | list[str] | None) -> "RunConfig":
         """A copy with dotted overrides applied, e.g. ``{"train.epochs": 3}`` or ``["train.epochs=3"]``."""
         merged = self.to_dict()
-        for key, value in _parse_overrides(overrides).items():
+        for key, value in parse_overrides(overrides).items():
             section, _, name = key.partition(".")
             if section not in merged or not name:
                 raise ConfigError(f"unknown config key {key!r}{_suggest(key, flat_keys(RunConfig))}")
@@ -116,7 +123,8 @@ def _suggest(key: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _parse_overrides(overrides) -> dict:
+def parse_overrides(overrides) -> dict:
+    """``["train.epochs=3", ...]`` (values read as YAML) or a dict, as ``{dotted key: value}``."""
     if not overrides:
         return {}
     if isinstance(overrides, dict):
@@ -186,7 +194,7 @@ def from_dict(d: dict) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Check values that types alone do not: names of choices, bit-widths, sizes."""
     from .quantizers import CORRECTIONS, check_bits
-    from .schemes import ACT_SCHEMES, WEIGHT_SCHEMES
+    from .schemes import ACT_SCHEMES, WEIGHT_SCHEMES, check_scheme_bits
 
     choices = {
         "quant.weight_quantizer": (cfg.quant.weight_quantizer, tuple(WEIGHT_SCHEMES)),
@@ -194,7 +202,8 @@ def validate(cfg: RunConfig) -> None:
         "quant.norm": (cfg.quant.norm, ("switchable", "shared")),
         "quant.correction": (cfg.quant.correction, CORRECTIONS),
         "quant.fp_act": (cfg.quant.fp_act, ("relu", "clamp")),
-        "train.distill": (cfg.train.distill, ("recursive", "hard", "soft")),
+        "train.distill": (cfg.train.distill, ("recursive", "hard", "soft", "joint")),
+        "train.progressive": (cfg.train.progressive, ("none", "weights_first", "bits")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -208,8 +217,19 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'train.bits': {e}") from None
     if len(set(cfg.train.bits)) != len(cfg.train.bits):
         raise ConfigError(f"config key 'train.bits' repeats a bit-width: {cfg.train.bits}")
+    for b in cfg.train.bits:
+        try:
+            check_scheme_bits(cfg.quant.weight_quantizer, b)
+        except ValueError as e:
+            raise ConfigError(f"config key 'train.bits': {e}") from None
+    if not 0.0 <= cfg.train.stochastic_precision <= 1.0:
+        raise ConfigError(f"config key 'train.stochastic_precision' must be in [0, 1], got {cfg.train.stochastic_precision}")
+    if not 0 < cfg.quant.steepness_start <= cfg.quant.steepness_end:
+        raise ConfigError("config keys 'quant.steepness_start' and 'quant.steepness_end' need "
+                          f"0 < start <= end, got {cfg.quant.steepness_start} and {cfg.quant.steepness_end}")
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
-                "model.depth": cfg.model.depth, "model.width": cfg.model.width}
+                "model.depth": cfg.model.depth, "model.width": cfg.model.width,
+                "train.kd_temperature": cfg.train.kd_temperature}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")

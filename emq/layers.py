@@ -122,12 +122,17 @@ def make_norm(kind: str, num_features: int, bits: Iterable[int]) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}: use shared or switchable")
 
 
-def set_bits(model: nn.Module, bits: int) -> nn.Module:
-    """Switch every multi-bit module of ``model`` to ``bits``; returns the model."""
+def set_bits(model: nn.Module, bits: int, act_bits: int | None = None) -> nn.Module:
+    """Switch every multi-bit module of ``model`` to ``bits``; returns the model.
+
+    With ``act_bits`` the activations run at that bit-width instead (e.g. 32: weights
+    quantized, activations full precision, the first stage of progressive quantization).
+    """
     check_bits(bits)
+    act_bits = bits if act_bits is None else check_bits(act_bits)
     for m in model.modules():
         if isinstance(m, MultiBit):
-            m.set_bits(bits)
+            m.set_bits(act_bits if isinstance(m, QAct) else bits)
     return model
 
 

@@ -1,31 +1,89 @@
 """The registry of training methods: a name maps to the config overrides that define it.
 
-Chapters and the command line loop over names (``method_config(name, base)``) instead of
-branching on them. Each entry is a dict of dotted config keys.
+Chapters and the command line loop over names (``method_configs(name, base)``) instead of
+branching on them. A method is a dict of dotted config keys, plus, for the methods that
+fine-tune (shift-bit), the method whose finished run starts it and the share of the epochs the
+fine-tuning takes. The quantizers and schedules the keys select live in :mod:`emq.schemes` and
+:mod:`emq.recipes`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from .config import ConfigError, RunConfig
 
-METHODS: dict[str, dict] = {
+
+@dataclass(frozen=True)
+class Method:
+    overrides: dict = field(default_factory=dict)  # dotted config keys
+    pretrain: str | None = None  # a registered method whose finished run initialises this one
+    epochs_scale: float = 1.0  # share of the base's epochs this method trains (after its pretraining)
+    about: str = ""  # one line for tables and the command line
+
+
+_ANY_PRECISION = {"quant.norm": "switchable", "quant.correction": "none", "quant.fp_act": "relu"}
+_SHARED = {"quant.norm": "shared", "quant.fp_act": "clamp"}
+
+METHODS: dict[str, Method] = {
+    # A full-precision network alone: the reference accuracy, and the start of shift-bit fine-tuning.
+    "full_precision": Method({"train.bits": [32]}, about="one full-precision network (reference)"),
     # Any-Precision baseline (METHOD.md §1): one BatchNorm per trained bit-width.
-    "switchable": {"quant.norm": "switchable", "quant.correction": "none", "quant.fp_act": "relu"},
+    "any_precision": Method(_ANY_PRECISION, about="Any-Precision: switchable BN, recursive distillation"),
+    "switchable": Method(_ANY_PRECISION, about="the same as any_precision (the name chapter 02 uses)"),
     # One BatchNorm shared by all bit-widths, no correction (claim 1 of §2). The shared-BN
     # methods clamp to [0, 1] at 32 bits too, so the one BN sees one activation range.
-    "shared": {"quant.norm": "shared", "quant.correction": "none", "quant.fp_act": "clamp"},
-    # Shared BN with weight bias correction of the per-channel mean (§2, mean mode).
-    "shared_mean": {"quant.norm": "shared", "quant.correction": "mean", "quant.fp_act": "clamp"},
-    # Shared BN with correction of mean and spread (§2, mean+var mode).
-    "shared_meanvar": {"quant.norm": "shared", "quant.correction": "meanvar", "quant.fp_act": "clamp"},
-    # LSQ (METHOD.md §5): learned step sizes for weights and activations, one per bit-width.
-    "lsq": {"quant.norm": "switchable", "quant.weight_quantizer": "lsq", "quant.act_quantizer": "lsq"},
-    # QIL (METHOD.md §5): learned quantization intervals for weights and activations.
-    "qil": {"quant.norm": "switchable", "quant.weight_quantizer": "qil", "quant.act_quantizer": "qil"},
+    "shared": Method({**_SHARED, "quant.correction": "none"}, about="shared BN, no correction"),
+    "shared_mean": Method({**_SHARED, "quant.correction": "mean"}, about="shared BN + mean correction"),
+    "shared_meanvar": Method({**_SHARED, "quant.correction": "meanvar"}, about="shared BN + mean+var correction"),
+    # EMQ (§2): shared BN with weight bias correction of mean and spread.
+    "emq": Method({**_SHARED, "quant.correction": "meanvar"}, about="EMQ: shared BN + weight bias correction"),
+    # LSQ and QIL (§5): learned step sizes / learned intervals for weights and activations.
+    "lsq": Method({**_ANY_PRECISION, "quant.weight_quantizer": "lsq", "quant.act_quantizer": "lsq"},
+                  about="LSQ: learned step per bit-width"),
+    "qil": Method({**_ANY_PRECISION, "quant.weight_quantizer": "qil", "quant.act_quantizer": "qil"},
+                  about="QIL: learned quantization intervals"),
+    # Shift-bit (§5): power-of-two weights, fine-tuned from the full-precision run for half the
+    # epochs at a tenth of the learning rate (our choice; the paper fine-tunes 15 ImageNet epochs).
+    "shift": Method({**_ANY_PRECISION, "quant.weight_quantizer": "shift", "train.lr": 0.01},
+                    pretrain="full_precision", epochs_scale=0.5,
+                    about="shift-bit: power-of-two weights, fine-tuned from full precision"),
+    # Double Rounding + ALRS (§5): one int-8 copy of the weights, lower precisions by a second rounding.
+    "double_rounding": Method({**_ANY_PRECISION, "quant.weight_quantizer": "double_rounding", "quant.alrs": True},
+                              about="Double Rounding + ALRS: one int-h copy of the weights"),
+    # Zhuang et al. (§5), on the Any-Precision network.
+    "progressive_weights": Method({**_ANY_PRECISION, "train.progressive": "weights_first"},
+                                  about="progressive: weights first, then activations"),
+    "progressive_bits": Method({**_ANY_PRECISION, "train.progressive": "bits"},
+                               about="progressive: bit-widths added high to low"),
+    "stochastic_precision": Method({**_ANY_PRECISION, "train.stochastic_precision": 0.5},
+                                   about="stochastic precision: quantized share of blocks 0.5 -> 1"),
+    "joint_kd": Method({**_ANY_PRECISION, "train.distill": "joint"},
+                       about="joint distillation with a full-precision companion"),
 }
 
 
-def method_config(name: str, base: RunConfig, **overrides) -> RunConfig:
-    """``base`` with the overrides of method ``name`` and then ``overrides`` (dotted keys)."""
+def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}: registered methods are {', '.join(METHODS)}")
-    return base.with_overrides({**METHODS[name], **overrides})
+    return METHODS[name]
+
+
+def method_config(name: str, base: RunConfig, **overrides) -> RunConfig:
+    """``base`` with the overrides of method ``name`` and then ``overrides`` (dotted keys).
+
+    For a method with a pretraining stage this is its last stage; ``method_configs`` gives all.
+    """
+    return method_configs(name, base, **overrides)[-1]
+
+
+def method_configs(name: str, base: RunConfig, **overrides) -> list[RunConfig]:
+    """The runs that method ``name`` trains, in order: its pretraining method's (if any), then its own."""
+    method = get_method(name)
+    stages = method_configs(method.pretrain, base, **overrides) if method.pretrain else []
+    changes = {**method.overrides, **overrides}
+    if method.epochs_scale != 1.0:
+        epochs = base.with_overrides(overrides).train.epochs
+        changes["train.epochs"] = max(1, round(epochs * method.epochs_scale))
+    if stages:
+        changes["train.init_from"] = stages[-1].hash()
+    return stages + [base.with_overrides(changes)]

@@ -15,7 +15,7 @@ from .schemes import make_act_quantizer, make_weight_quantizer
 
 def make_act(q: QuantConfig, bits: tuple[int, ...]) -> QAct:
     """An activation of the configured scheme (its learnable parameters are its own)."""
-    return QAct(q.fp_act, make_act_quantizer(q.act_quantizer, bits))
+    return QAct(q.fp_act, make_act_quantizer(q, bits))
 
 
 class Block(nn.Module):
@@ -73,7 +73,7 @@ class ResNet(nn.Module):
         for mod in self.modules():
             if isinstance(mod, QuantWeightMixin):
                 mod.configure(q.correction, q.detach_stats, q.scale_by_mean,
-                              make_weight_quantizer(q.weight_quantizer, bits))
+                              make_weight_quantizer(q, bits))
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
 

@@ -11,16 +11,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .double_rounding import double_rounding
-from .lsq import LSQQuantizer
+import math
+
+from .double_rounding import double_rounding, int_range
+from .lsq import LSQQuantizer, scale_grad
 from .qil import QILQuantizer
 from .quantizers import FULL_PRECISION
-from .shiftbit import shift_hard, shift_soft
+from .shiftbit import shift_hard, shift_scaled
 
 
 class ShiftQuantizer(nn.Module):
-    """Power-of-two weights: the soft staircase at ``steepness`` while training, hard in eval.
-    The training loop may raise ``steepness`` over training (the shift-bit schedule)."""
+    """Power-of-two weights: the gradient-scaled soft staircase at ``steepness`` while training,
+    hard in eval. The training loop raises ``steepness`` over training (``set_steepness``)."""
 
     def __init__(self, steepness: float = 10.0):
         super().__init__()
@@ -29,16 +31,29 @@ class ShiftQuantizer(nn.Module):
     def forward(self, w: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == FULL_PRECISION:
             return w
-        return shift_soft(w, bits, float(self.steepness)) if self.training else shift_hard(w, bits)
+        return shift_scaled(w, bits, float(self.steepness)) if self.training else shift_hard(w, bits)
+
+
+def set_steepness(model: nn.Module, steepness: float) -> None:
+    """Set the soft staircase's steepness of every shift-bit quantizer of ``model``."""
+    for m in model.modules():
+        if isinstance(m, ShiftQuantizer):
+            m.steepness.fill_(steepness)
 
 
 class DoubleRoundingQuantizer(nn.Module):
     """One learned scale ``s_h`` at the highest trained precision ``h``; lower precisions by a
-    second rounding of the int-h weights. The scale starts at ``max|W| / (2^(h-1) - 1)``."""
+    second rounding of the int-h weights. The scale starts at ``max|W| / (2^(h-1) - 1)``.
 
-    def __init__(self, high: int):
+    The gradient of ``s_h`` is scaled as LSQ scales a step, by ``1 / sqrt(N Q_P)``. Without
+    ``alrs`` every precision uses the factor of ``h``; with Adaptive Learning Rate Scaling each
+    precision ``l`` uses its own (``Q_P = 2^(l-1) - 1``), so the scale's learning rate differs per
+    precision. METHOD.md §5 names ALRS but not its formula: this per-precision rule is our choice.
+    """
+
+    def __init__(self, high: int, alrs: bool = False):
         super().__init__()
-        self.high = high
+        self.high, self.alrs = high, alrs
         self.scale = nn.Parameter(torch.zeros(()))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
@@ -49,7 +64,9 @@ class DoubleRoundingQuantizer(nn.Module):
             with torch.no_grad():
                 self.scale.copy_(w.abs().max().clamp_min(1e-8) / (2 ** (self.high - 1) - 1))
             self.initialised.fill_(True)
-        return double_rounding(w, self.scale, self.high, bits)
+        q_p = int_range(bits if self.alrs else self.high)[1]
+        scale = scale_grad(self.scale, 1.0 / math.sqrt(w.numel() * max(q_p, 1)))
+        return double_rounding(w, scale, self.high, bits)
 
 
 def _highest(bits: tuple[int, ...]) -> int:
@@ -59,27 +76,46 @@ def _highest(bits: tuple[int, ...]) -> int:
     return max(below)
 
 
-WEIGHT_SCHEMES: dict[str, Callable[[tuple[int, ...]], nn.Module | None]] = {
-    "dorefa": lambda bits: None,
-    "lsq": lambda bits: LSQQuantizer(bits, signed=True),
-    "qil": lambda bits: QILQuantizer(signed=True),
-    "shift": lambda bits: ShiftQuantizer(),
-    "double_rounding": lambda bits: DoubleRoundingQuantizer(_highest(bits)),
+# A builder takes the trained bit-widths and the quant config (for scheme options).
+WEIGHT_SCHEMES: dict[str, Callable[..., nn.Module | None]] = {
+    "dorefa": lambda bits, q: None,
+    "lsq": lambda bits, q: LSQQuantizer(bits, signed=True),
+    "qil": lambda bits, q: QILQuantizer(signed=True),
+    "shift": lambda bits, q: ShiftQuantizer(q.steepness_start),
+    "double_rounding": lambda bits, q: DoubleRoundingQuantizer(_highest(bits), q.alrs),
 }
-ACT_SCHEMES: dict[str, Callable[[tuple[int, ...]], nn.Module | None]] = {
-    "dorefa": lambda bits: None,
-    "lsq": lambda bits: LSQQuantizer(bits, signed=False),
-    "qil": lambda bits: QILQuantizer(signed=False),
+ACT_SCHEMES: dict[str, Callable[..., nn.Module | None]] = {
+    "dorefa": lambda bits, q: None,
+    "lsq": lambda bits, q: LSQQuantizer(bits, signed=False),
+    "qil": lambda bits, q: QILQuantizer(signed=False),
+}
+
+# The lowest bit-width each weight scheme has a level set for, and why (32 always works).
+MIN_WEIGHT_BITS: dict[str, tuple[int, str]] = {
+    "dorefa": (1, ""),
+    "lsq": (2, "signed LSQ at 1 bit has Q_P = 0, no positive level"),
+    "qil": (1, ""),
+    "shift": (2, "shift-bit levels need a sign bit and at least one magnitude bit"),
+    "double_rounding": (2, "a signed integer grid needs 2 bits or more"),
 }
 
 
-def make_weight_quantizer(name: str, bits: tuple[int, ...]) -> nn.Module | None:
-    if name not in WEIGHT_SCHEMES:
-        raise ValueError(f"unknown weight quantizer {name!r}: use one of {', '.join(WEIGHT_SCHEMES)}")
-    return WEIGHT_SCHEMES[name](bits)
+def check_scheme_bits(name: str, bits: int) -> None:
+    """A one-line ValueError if weight scheme ``name`` has no level set at ``bits``."""
+    low, why = MIN_WEIGHT_BITS[name]
+    if bits != FULL_PRECISION and bits < low:
+        raise ValueError(f"weight quantizer {name!r} cannot do {bits}-bit: {why}")
 
 
-def make_act_quantizer(name: str, bits: tuple[int, ...]) -> nn.Module | None:
-    if name not in ACT_SCHEMES:
-        raise ValueError(f"unknown activation quantizer {name!r}: use one of {', '.join(ACT_SCHEMES)}")
-    return ACT_SCHEMES[name](bits)
+def make_weight_quantizer(q, bits: tuple[int, ...]) -> nn.Module | None:
+    """The weight quantizer module of ``q.weight_quantizer`` (``None`` for DoReFa)."""
+    if q.weight_quantizer not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown weight quantizer {q.weight_quantizer!r}: use one of {', '.join(WEIGHT_SCHEMES)}")
+    return WEIGHT_SCHEMES[q.weight_quantizer](bits, q)
+
+
+def make_act_quantizer(q, bits: tuple[int, ...]) -> nn.Module | None:
+    """The activation quantizer module of ``q.act_quantizer`` (``None`` for DoReFa)."""
+    if q.act_quantizer not in ACT_SCHEMES:
+        raise ValueError(f"unknown activation quantizer {q.act_quantizer!r}: use one of {', '.join(ACT_SCHEMES)}")
+    return ACT_SCHEMES[q.act_quantizer](bits, q)

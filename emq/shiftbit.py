@@ -6,11 +6,18 @@ ours (METHOD.md §5) is the sum of sigmoids ``sum_i delta_i sigmoid(lambda (|w| 
 the thresholds ``t_i`` halfway between consecutive magnitudes, with ``delta_i`` the step
 between them, the sign restored. As ``lambda`` grows the staircase becomes the hard
 quantizer: each |w| goes to the nearest level.
+
+Gradient scaling (also our choice, the paper's is not public): the staircase's slope is near
+zero between thresholds and of order ``lambda`` at them, so its raw gradient shrinks or explodes
+as ``lambda`` grows. ``shift_scaled`` divides the gradient by the slope's mean over the tensor,
+so the mean gradient a weight receives stays 1 (what a straight-through estimator passes) at
+every steepness.
 """
 from __future__ import annotations
 
 import torch
 
+from .lsq import scale_grad
 from .quantizers import check_bits
 
 
@@ -25,21 +32,34 @@ def shift_levels(bits: int, alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
     return mags * alpha
 
 
-def shift_soft(w: torch.Tensor, bits: int, lam: float, alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """The soft staircase at steepness ``lam``; ``alpha`` defaults to ``max|w|`` (detached)."""
+def _staircase(w: torch.Tensor, bits: int, alpha: torch.Tensor | None):
     alpha = w.detach().abs().max().clamp_min(1e-12) if alpha is None else alpha
     levels = shift_levels(bits).to(w.dtype).to(w.device) * alpha
-    thresholds = (levels[1:] + levels[:-1]) / 2
-    deltas = levels[1:] - levels[:-1]
-    a = w.abs().unsqueeze(-1)
-    mag = (deltas * torch.sigmoid(lam * (a - thresholds) / alpha)).sum(-1)
+    return alpha, levels, (levels[1:] + levels[:-1]) / 2, levels[1:] - levels[:-1]
+
+
+def shift_soft(w: torch.Tensor, bits: int, lam: float, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """The soft staircase at steepness ``lam``; ``alpha`` defaults to ``max|w|`` (detached)."""
+    alpha, _, thresholds, deltas = _staircase(w, bits, alpha)
+    mag = (deltas * torch.sigmoid(lam * (w.abs().unsqueeze(-1) - thresholds) / alpha)).sum(-1)
     return torch.sign(w) * mag
+
+
+def shift_slope(w: torch.Tensor, bits: int, lam: float, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """``d shift_soft / d w`` per element (the staircase is odd, so its slope is even in ``w``)."""
+    alpha, _, thresholds, deltas = _staircase(w.detach(), bits, alpha)
+    s = torch.sigmoid(lam * (w.detach().abs().unsqueeze(-1) - thresholds) / alpha)
+    return (deltas * lam / alpha * s * (1 - s)).sum(-1)
+
+
+def shift_scaled(w: torch.Tensor, bits: int, lam: float) -> torch.Tensor:
+    """``shift_soft`` in the forward pass, its gradient divided by the mean slope over ``w``."""
+    mean_slope = shift_slope(w, bits, lam).mean().clamp_min(1e-12)
+    return scale_grad(shift_soft(w, bits, lam), float(1.0 / mean_slope))
 
 
 def shift_hard(w: torch.Tensor, bits: int, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """The hard quantizer: the nearest power-of-two level (or 0), the sign restored."""
-    alpha = w.detach().abs().max().clamp_min(1e-12) if alpha is None else alpha
-    levels = shift_levels(bits).to(w.dtype).to(w.device) * alpha
-    thresholds = (levels[1:] + levels[:-1]) / 2
+    _, levels, thresholds, _ = _staircase(w, bits, alpha)
     idx = torch.bucketize(w.abs(), thresholds, right=True)
     return torch.sign(w) * levels[idx]

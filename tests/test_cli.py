@@ -96,6 +96,10 @@ BAD_INPUT = {
     "negative recalibration": (["eval", "{run}", "--recalibrate-bn", "-1"], ["--recalibrate-bn"]),
     "unknown bit-width in --bits": (["eval", "{run}", "--bits", "2,33"], ["unsupported bit-width 33"]),
     "unknown device": (["eval", "{run}", "--device", "nonsense"], ["nonsense"]),
+    "unregistered method": (["train", *TINY, "--method", "dorefa_plus"], ["unknown method 'dorefa_plus'",
+                                                                        "any_precision", "double_rounding"]),
+    "bit-width the method cannot do": (["train", *TINY, "--method", "shift", "--set", "train.bits=1,4,32"],
+                                       ["'shift' cannot do 1-bit"]),
 }
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_exits_nonzero_with_one_error_line_and_touches_nothing(case, trained, workdir, tmp_path):
@@ -121,6 +125,25 @@ def test_a_bad_bit_width_does_not_modify_a_finished_run(trained, workdir):
     proc = emq("eval", run_dir, "--bits", "2,33", cwd=workdir)
     assert proc.returncode != 0 and "unsupported bit-width 33" in proc.stderr
     assert files_of(run_dir) == before
+
+
+def test_methods_lists_every_registered_method(workdir):
+    from emq.methods import METHODS
+
+    proc = emq("methods", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == list(METHODS)
+
+
+def test_a_method_with_a_pretraining_stage_trains_it_first(workdir, tmp_path):
+    proc = emq("train", *TINY, "--method", "shift", "--results", tmp_path, "--no-progress", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"run \S+: 32-bit [\d.]+%", lines[0]), lines
+    assert re.fullmatch(r"run \S+: 2-bit [\d.]+%, 4-bit [\d.]+%, 8-bit [\d.]+%, 32-bit [\d.]+%", lines[1]), lines
+    fine = json.loads((Path(lines[1].split()[1].rstrip(":")) / "config.json").read_text())
+    assert fine["train"]["init_from"] == Path(lines[0].split()[1].rstrip(":")).name
+    assert fine["quant"]["weight_quantizer"] == "shift"
 
 
 def test_no_command_is_a_usage_error(workdir):

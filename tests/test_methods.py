@@ -1,15 +1,25 @@
-"""Every registered method trains: one shared train-a-few-steps test, plus the registry's errors."""
+"""Every registered method trains: one shared train-a-few-steps test through the real training
+loop, one at the level of a single multi-bit step, plus the registry's errors."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from emq.config import ConfigError, RunConfig, load_config
+from emq.data import load_data
 from emq.layers import set_bits
-from emq.methods import METHODS, method_config
+from emq.methods import METHODS, method_config, method_configs
 from emq.models import make_model
+from emq.recipes import step_configure
+from emq.results import ResultsStore
 from emq.schemes import DoubleRoundingQuantizer, ShiftQuantizer
-from emq.training import multibit_step
+from emq.storage import stored_bytes
+from emq.training import init_from_run, make_companion, multibit_step, train
 
 BITS = (2, 4, 8, 32)
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
+TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
+        "train.epochs": 2}
 
 
 def tiny_model(cfg: RunConfig):
@@ -19,16 +29,21 @@ def tiny_model(cfg: RunConfig):
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_trains_a_few_steps(name):
-    cfg = method_config(name, load_config(profile="smoke"))
+    cfg = method_config(name, load_config(profile="smoke", overrides={"data.root": str(DATA_ROOT)}))
     model = tiny_model(cfg).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    companion = make_companion(cfg, load_data(cfg.data), "cpu") if cfg.train.distill == "joint" else None
+    if companion is not None:
+        opt.add_param_group({"params": list(companion.parameters())})
     losses = []
     for _ in range(8):
         opt.zero_grad()
-        losses.append(multibit_step(model, x, y, cfg.train.bits, cfg.train.distill))
+        # the schedules' last step (every block quantized, every stage reached), where all parameters train
+        configure = step_configure(cfg.train, model, step=7, total=8)
+        losses.append(multibit_step(model, x, y, cfg.train.bits, cfg.train.distill, configure, companion))
         if _ == 0:  # every learnable parameter, quantizer parameters included, gets a gradient
             missing = [k for k, p in model.named_parameters() if p.grad is None]
             assert not missing, missing
@@ -78,3 +93,76 @@ def test_double_rounding_serves_every_lower_precision_from_one_int8_copy():
         assert torch.equal(q(w, low), expected * (q.scale * 2 ** (8 - low)))
     with pytest.raises(ValueError, match="from 8-bit, not 16-bit"):
         q(w, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return load_data(load_config(profile="smoke", overrides=TINY).data)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_through_the_training_loop_and_counts_its_passes(name, tiny_data, tmp_path):
+    store = ResultsStore(tmp_path)
+    for cfg in method_configs(name, load_config(profile="smoke", overrides=TINY)):
+        run = train(cfg, store, device="cpu", progress=False, data=tiny_data)
+    summary = run.summary
+    assert set(summary["acc"]) == {str(b) for b in cfg.train.bits}
+    assert all(0.0 <= a <= 1.0 for a in summary["acc"].values())
+    steps, per_step = summary["steps"], cfg.train.batch_size
+    passes = {k: v["forward"] for k, v in summary["sample_passes"].items()}
+    if cfg.train.progressive == "bits":  # 8 steps in 4 stages: 32 trains in all, 8 from the 3rd step, ...
+        assert steps == 8 and passes == {"32": 8 * per_step, "8": 6 * per_step, "4": 4 * per_step, "2": 2 * per_step}
+    else:
+        expected = {str(b): steps * per_step for b in cfg.train.bits}
+        if cfg.train.distill == "joint":
+            expected["companion"] = steps * per_step
+        assert passes == expected
+
+
+def test_shift_bit_fine_tunes_the_full_precision_run_for_half_the_epochs():
+    base = load_config(profile="smoke", overrides={**TINY, "train.epochs": 4})
+    pre, fine = method_configs("shift", base)
+    assert pre == method_config("full_precision", base) and pre.train.bits == (32,)
+    assert fine.train.init_from == pre.hash() and fine.train.epochs == 2
+
+
+def test_a_fine_tuned_run_starts_from_its_source_weights(tiny_data, tmp_path):
+    store = ResultsStore(tmp_path)
+    pre, fine = method_configs("shift", load_config(profile="smoke", overrides=TINY))
+    source = torch.load(train(pre, store, device="cpu", progress=False, data=tiny_data).path / "model.pt",
+                        weights_only=True)
+    model = make_model(fine.model, fine.quant, fine.train.bits, 10, 1)
+    init_from_run(model, store, pre.hash(), "cpu")
+    start = model.state_dict()
+    assert torch.equal(start["blocks.0.conv1.weight"], source["blocks.0.conv1.weight"])
+    assert torch.equal(start["fc.weight"], source["fc.weight"])
+    # every switchable BN copy starts from the source's one full-precision BN
+    for b in fine.train.bits:
+        for stat in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(start[f"blocks.0.bn1.bns.{b}.{stat}"], source[f"blocks.0.bn1.bns.32.{stat}"])
+
+
+def test_init_from_a_run_that_does_not_exist_is_a_one_line_error(tiny_data, tmp_path):
+    cfg = load_config(profile="smoke", overrides={**TINY, "train.init_from": "0123456789ab"})
+    with pytest.raises(ConfigError, match="no finished run of that hash"):
+        train(cfg, ResultsStore(tmp_path), device="cpu", progress=False, data=tiny_data)
+
+
+@pytest.mark.parametrize("scheme, bits", [("shift", 1), ("lsq", 1), ("double_rounding", 1)])
+def test_a_bit_width_the_quantizer_has_no_levels_for_is_a_config_error(scheme, bits):
+    with pytest.raises(ConfigError, match=f"'{scheme}' cannot do {bits}-bit"):
+        load_config(overrides={"quant.weight_quantizer": scheme, "train.bits": [bits, 4, 32]})
+
+
+def test_double_rounding_stores_int8_weights_in_a_quarter_of_the_fp32_bytes():
+    base = load_config(profile="smoke")
+    dr = method_config("double_rounding", base)
+    model = make_model(dr.model, dr.quant, dr.train.bits, 10, 1)
+    size = stored_bytes(model)
+    quantized = sum(m.weight.numel() for m in model.modules() if isinstance(m._modules.get("weight_quantizer"),
+                                                                            DoubleRoundingQuantizer))
+    assert quantized > 0
+    assert size["fp32"] - size["stored"] == 4 * quantized - quantized  # 8 bits instead of 32 per weight
+    other = method_config("any_precision", base)
+    plain = stored_bytes(make_model(other.model, other.quant, other.train.bits, 10, 1))
+    assert plain["stored"] == plain["fp32"]
