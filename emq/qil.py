@@ -5,13 +5,16 @@ are pruned to 0, those with ``|w| > c + d`` clipped to 1, and those between tran
 ``(alpha |w| + beta)^gamma`` with ``alpha = 0.5 / d``, ``beta = -0.5 c / d + 0.5``, the sign
 restored; activations are ``clamp(alpha x + beta, 0, 1)``. The transformed values are then
 discretised uniformly with a straight-through rounding; ``c``, ``d`` and ``gamma`` are trained by
-the task loss.
+the task loss, their gradient scaled by ``1/sqrt(N)`` (N: elements of the tensor).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
+from .lsq import scale_grad
 from .quantizers import FULL_PRECISION, check_bits, round_ste
 
 
@@ -51,8 +54,13 @@ class QILQuantizer(nn.Module):
         self.gamma = nn.Parameter(torch.tensor(gamma)) if signed else None
 
     def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        # The gradient of c, d and gamma sums over every element of x; scaled by 1/sqrt(N) as LSQ
+        # scales its step (our choice: QIL trains them at their own learning rate, not given in
+        # METHOD.md), or a layer's interval diverges at the weights' learning rate.
+        g = 1.0 / math.sqrt(x.numel())
+        c, d = scale_grad(self.c, g), scale_grad(self.d, g)
         if self.signed:
-            v = qil_transform_weight(x, self.c, self.d, self.gamma)
+            v = qil_transform_weight(x, c, d, scale_grad(self.gamma, g))
         else:
-            v = qil_transform_activation(x, self.c, self.d)
+            v = qil_transform_activation(x, c, d)
         return qil_discretise(v, bits, self.signed)

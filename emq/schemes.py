@@ -6,12 +6,11 @@ others hold learnable parameters (LSQ steps, QIL intervals, a Double Rounding sc
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
-
-import math
 
 from .double_rounding import double_rounding, int_range
 from .lsq import LSQQuantizer, scale_grad
@@ -45,10 +44,14 @@ class DoubleRoundingQuantizer(nn.Module):
     """One learned scale ``s_h`` at the highest trained precision ``h``; lower precisions by a
     second rounding of the int-h weights. The scale starts at ``max|W| / (2^(h-1) - 1)``.
 
-    The gradient of ``s_h`` is scaled as LSQ scales a step, by ``1 / sqrt(N Q_P)``. Without
-    ``alrs`` every precision uses the factor of ``h``; with Adaptive Learning Rate Scaling each
-    precision ``l`` uses its own (``Q_P = 2^(l-1) - 1``), so the scale's learning rate differs per
-    precision. METHOD.md §5 names ALRS but not its formula: this per-precision rule is our choice.
+    Precision ``l`` quantizes with the step ``s_l = s_h 2^(h-l)``, so its gradient on ``s_h`` is
+    ``2^(h-l)`` times its gradient on ``s_l``, and an SGD step on ``s_h`` moves ``s_l`` by
+    ``4^(h-l)`` times what it would move a step of its own: the low precisions dominate the shared
+    scale and, unscaled, make it diverge. Without ``alrs`` the gradient of ``s_h`` is scaled by
+    LSQ's ``1 / sqrt(N Q_P(h))`` for every precision. With Adaptive Learning Rate Scaling the
+    gradient from precision ``l`` is scaled by ``1 / (sqrt(N Q_P(l)) 4^(h-l))``, so that each
+    precision moves its step ``s_l`` as LSQ would move a step of its own. METHOD.md §5 names ALRS
+    but not its formula: this per-precision rule is our choice.
     """
 
     def __init__(self, high: int, alrs: bool = False):
@@ -64,9 +67,13 @@ class DoubleRoundingQuantizer(nn.Module):
             with torch.no_grad():
                 self.scale.copy_(w.abs().max().clamp_min(1e-8) / (2 ** (self.high - 1) - 1))
             self.initialised.fill_(True)
-        q_p = int_range(bits if self.alrs else self.high)[1]
-        scale = scale_grad(self.scale, 1.0 / math.sqrt(w.numel() * max(q_p, 1)))
-        return double_rounding(w, scale, self.high, bits)
+        return double_rounding(w, scale_grad(self.scale, self.grad_scale(w.numel(), bits)), self.high, bits)
+
+    def grad_scale(self, numel: int, bits: int) -> float:
+        """The factor on the gradient of ``s_h`` coming from precision ``bits``."""
+        if not self.alrs:
+            return 1.0 / math.sqrt(numel * int_range(self.high)[1])
+        return 1.0 / (math.sqrt(numel * max(int_range(bits)[1], 1)) * 4 ** (self.high - bits))
 
 
 def _highest(bits: tuple[int, ...]) -> int:

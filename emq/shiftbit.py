@@ -32,14 +32,28 @@ def shift_levels(bits: int, alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
     return mags * alpha
 
 
+ALPHA_CANDIDATES = 4  # alpha = max|w| 2^-k for k = 0, ..., 3
+
+
+def shift_alpha(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The largest level ``alpha``: of ``max|w| 2^-k`` (k < ALPHA_CANDIDATES), the one whose hard
+    quantizer has the least squared error on ``w`` (detached). With ``alpha = max|w|`` at 2 bits
+    (levels 0 and +-alpha) every weight below half the largest would be zero."""
+    w = w.detach()
+    top = w.abs().max().clamp_min(1e-12)
+    candidates = [top / 2 ** k for k in range(ALPHA_CANDIDATES)]
+    errors = torch.stack([(shift_hard(w, bits, a) - w).pow(2).sum() for a in candidates])
+    return candidates[int(errors.argmin())]
+
+
 def _staircase(w: torch.Tensor, bits: int, alpha: torch.Tensor | None):
-    alpha = w.detach().abs().max().clamp_min(1e-12) if alpha is None else alpha
+    alpha = shift_alpha(w, bits) if alpha is None else alpha
     levels = shift_levels(bits).to(w.dtype).to(w.device) * alpha
     return alpha, levels, (levels[1:] + levels[:-1]) / 2, levels[1:] - levels[:-1]
 
 
 def shift_soft(w: torch.Tensor, bits: int, lam: float, alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """The soft staircase at steepness ``lam``; ``alpha`` defaults to ``max|w|`` (detached)."""
+    """The soft staircase at steepness ``lam``; ``alpha`` defaults to ``shift_alpha(w, bits)``."""
     alpha, _, thresholds, deltas = _staircase(w, bits, alpha)
     mag = (deltas * torch.sigmoid(lam * (w.abs().unsqueeze(-1) - thresholds) / alpha)).sum(-1)
     return torch.sign(w) * mag
@@ -54,8 +68,9 @@ def shift_slope(w: torch.Tensor, bits: int, lam: float, alpha: torch.Tensor | No
 
 def shift_scaled(w: torch.Tensor, bits: int, lam: float) -> torch.Tensor:
     """``shift_soft`` in the forward pass, its gradient divided by the mean slope over ``w``."""
-    mean_slope = shift_slope(w, bits, lam).mean().clamp_min(1e-12)
-    return scale_grad(shift_soft(w, bits, lam), float(1.0 / mean_slope))
+    alpha = shift_alpha(w, bits)
+    mean_slope = shift_slope(w, bits, lam, alpha).mean().clamp_min(1e-12)
+    return scale_grad(shift_soft(w, bits, lam, alpha), float(1.0 / mean_slope))
 
 
 def shift_hard(w: torch.Tensor, bits: int, alpha: torch.Tensor | None = None) -> torch.Tensor:

@@ -108,9 +108,10 @@ def test_alrs_scales_the_shared_scale_gradient_per_precision():
             q.scale.grad = None
             q(w, bits).sum().backward()
             grads[alrs, bits] = q.scale.grad.item()
-    for bits in (2, 4):  # Q_P(8) = 127, Q_P(4) = 7, Q_P(2) = 1
+    for bits in (2, 4):  # Q_P(8) = 127, Q_P(4) = 7, Q_P(2) = 1; s_l = s_8 2^(8-l)
         q_p = 2 ** (bits - 1) - 1
-        assert grads[True, bits] / grads[False, bits] == pytest.approx(math.sqrt(127 / q_p), rel=1e-5)
+        expected = math.sqrt(127 / q_p) / 4 ** (8 - bits)
+        assert grads[True, bits] / grads[False, bits] == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_resumed_run_of_every_recipe_at_once_ends_identical(tmp_path):

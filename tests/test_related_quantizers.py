@@ -8,7 +8,7 @@ import torch
 from emq.double_rounding import double_rounding, int_range, lower_from_high, stored_bytes, to_int_high
 from emq.lsq import LSQQuantizer, lsq_init_step, lsq_quantize, lsq_range
 from emq.qil import QILQuantizer, qil_discretise, qil_transform_activation, qil_transform_weight
-from emq.shiftbit import shift_hard, shift_levels, shift_soft
+from emq.shiftbit import ALPHA_CANDIDATES, shift_alpha, shift_hard, shift_levels, shift_soft
 
 
 def randn(*shape, seed=0):
@@ -101,6 +101,16 @@ def test_qil_parameters_receive_gradients():
         assert p.grad is not None and torch.isfinite(p.grad) and p.grad != 0
 
 
+def test_qil_interval_gradients_are_the_direct_ones_scaled_by_one_over_sqrt_n():
+    w = torch.randn(400, generator=torch.Generator().manual_seed(4))
+    q = QILQuantizer(signed=True)
+    q(w, 3).pow(2).sum().backward()
+    c, d, g = (torch.tensor(v, requires_grad=True) for v in (0.5, 0.5, 1.0))
+    qil_discretise(qil_transform_weight(w, c, d, g), 3, signed=True).pow(2).sum().backward()
+    for scaled, direct in ((q.c, c), (q.d, d), (q.gamma, g)):
+        assert torch.allclose(scaled.grad, direct.grad / 20.0)  # sqrt(400) = 20
+
+
 # ---- shift-bit ---------------------------------------------------------------------------
 def test_shift_levels_are_zero_and_powers_of_two():
     assert shift_levels(2).tolist() == [0.0, 1.0]
@@ -114,7 +124,22 @@ def test_shift_hard_goes_to_the_nearest_level_with_the_sign(bits):
     alpha = w.abs().max()
     levels = (shift_levels(bits) * alpha).numpy()
     ref = np.sign(w.numpy()) * levels[np.argmin(np.abs(np.abs(w.numpy())[:, None] - levels[None]), axis=1)]
-    assert np.array_equal(shift_hard(w, bits).numpy(), ref)
+    assert np.array_equal(shift_hard(w, bits, alpha).numpy(), ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_shift_alpha_is_the_candidate_with_the_least_squared_error(bits):
+    w = randn(400, seed=bits)
+    candidates = [w.abs().max() / 2 ** k for k in range(ALPHA_CANDIDATES)]
+    errors = [float((shift_hard(w, bits, a) - w).pow(2).sum()) for a in candidates]
+    assert float(shift_alpha(w, bits)) == float(candidates[int(np.argmin(errors))])
+    assert torch.equal(shift_hard(w, bits), shift_hard(w, bits, shift_alpha(w, bits)))
+
+
+def test_at_two_bits_the_chosen_alpha_zeroes_fewer_weights_than_max_abs():
+    w = randn(4000, seed=7)
+    zeros = lambda q: float((q == 0).float().mean())  # noqa: E731
+    assert zeros(shift_hard(w, 2)) < zeros(shift_hard(w, 2, w.abs().max())) - 0.3
 
 
 def test_shift_soft_staircase_tends_to_the_hard_quantizer():
