@@ -144,12 +144,13 @@ def _stop_requests():
 class TrainState:
     step: int = 0
     elapsed: float = 0.0  # seconds of training over all sessions of the run
+    eval_time: float = 0.0  # of which seconds spent on the per-epoch test evaluations
     coreset: dict | None = None  # subsets, their epoch, lightweight scores and cost counters
 
 
 def _checkpoint(run: Run, model, opt, state: TrainState) -> None:
     ckpt = {"config_hash": run.config.hash(), "step": state.step, "elapsed": state.elapsed,
-            "model": model.state_dict(), "optimizer": opt.state_dict()}
+            "eval_time": state.eval_time, "model": model.state_dict(), "optimizer": opt.state_dict()}
     if state.coreset is not None:
         ckpt["coreset"] = state.coreset
     save_torch(run.path / "checkpoint.pt", ckpt)
@@ -169,7 +170,7 @@ def _resume(run: Run, model, opt, device) -> TrainState:
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     run.truncate_metrics(ckpt["step"])
-    return TrainState(ckpt["step"], ckpt["elapsed"], ckpt.get("coreset"))
+    return TrainState(ckpt["step"], ckpt["elapsed"], ckpt.get("eval_time", 0.0), ckpt.get("coreset"))
 
 
 def _new_coreset_state(cfg: RunConfig) -> dict:
@@ -270,6 +271,7 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[max(t.bits)]:.3f}")
                 epoch_end = plan.locate(state.step)[1] == 0
                 if epoch_end:
+                    t_eval = time.perf_counter()
                     accs = {str(b): evaluate(model, data.test, b, device=dev) for b in t.bits}
                     row = {"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
                            "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
@@ -278,6 +280,7 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                         row["subset_size"] = subset_size if epoch >= cfg.coreset.warmup_epochs else len(data.train)
                     run.append_metrics(row)
                     model.train()
+                    state.eval_time += time.perf_counter() - t_eval
                 saving = state.step % t.checkpoint_every == 0 if t.checkpoint_every else epoch_end
                 if saving or state.step == last or requested["stop"]:
                     _checkpoint(run, model, opt, state)
@@ -291,10 +294,12 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     if state.step < total:  # stopped by stop_after
         return run
     save_torch(run.path / "model.pt", model.state_dict())
+    if cs is not None:  # the last subset of every bit-width, for analyses of what was kept
+        save_torch(run.path / "subsets.pt", cs["subsets"])
     final = run.metrics()[-1]["test_acc"]
     write_json(run.path / "env.json", env_info(str(dev)))
     write_json(run.path / "summary.json", {
-        "acc": final, "wall_time_s": round(state.elapsed, 3), "steps": total, "train_size": len(data.train),
+        "acc": final, "wall_time_s": round(state.elapsed, 3), "eval_time_s": round(state.eval_time, 3), "steps": total, "train_size": len(data.train),
         "test_size": len(data.test), **_cost(cfg, plan, cs, subset_size),
     })
     (run.path / "checkpoint.pt").unlink(missing_ok=True)

@@ -227,6 +227,9 @@ def test_a_static_run_counts_every_pass_it_makes(data, tmp_path):
     assert s["scoring_passes"] == 4 * 256
     assert total_passes(s) == 4 * 2 * 8 * 64 + 3 * 4 * 64 + 4 * 256
     assert [row["subset_size"] for row in r.metrics()] == [256, 128, 128]
+    assert 0 < s["eval_time_s"] < s["wall_time_s"] and 0 < s["scoring_time_s"] < s["wall_time_s"]
+    kept = torch.load(r.path / "subsets.pt", weights_only=True)
+    assert sorted(kept, key=int) == ["2", "4", "8", "32"] and all(len(v) == 128 for v in kept.values())
 
 
 @needs_data
