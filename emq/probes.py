@@ -67,3 +67,20 @@ def probe_accuracy(model: nn.Module, split, bits: int, fit_index: torch.Tensor, 
         raise ValueError(f"the probe would be evaluated on {len(overlap)} samples it was fitted on")
     probe = fit_probe(extract_features(model, split, bits, fit_index, device=device), split.y[fit_index], num_classes)
     return probe.accuracy(extract_features(model, split, bits, eval_index, device=device), split.y[eval_index])
+
+
+def transfer_probe(model: nn.Module, data, bits: int, other_index: torch.Tensor, seed: int = 0,
+                   device="cpu") -> dict[str, float]:
+    """Probe the child at ``bits`` on data that only another child trained on (METHOD.md §4).
+
+    The probe is fitted on a random half of ``other_index`` and scored on the other half
+    (``other``: samples this child never trained on, the other child did) and on the test
+    split (``test``: samples no child trained on).
+    """
+    perm = other_index[torch.randperm(len(other_index), generator=torch.Generator().manual_seed(seed))]
+    fit, held = perm[:len(perm) // 2], perm[len(perm) // 2:]
+    probe = fit_probe(extract_features(model, data.train, bits, fit, device=device), data.train.y[fit],
+                      data.num_classes)
+    other = probe.accuracy(extract_features(model, data.train, bits, held, device=device), data.train.y[held])
+    test = probe.accuracy(extract_features(model, data.test, bits, device=device), data.test.y)
+    return {"other": other, "test": test}

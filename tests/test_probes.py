@@ -8,7 +8,7 @@ import torch
 from emq.config import ModelConfig, QuantConfig
 from emq.data import TensorSplit
 from emq.models import make_model
-from emq.probes import extract_features, fit_probe, probe_accuracy
+from emq.probes import extract_features, fit_probe, probe_accuracy, transfer_probe
 
 
 def clusters(n_per_class=60, classes=4, dim=8, seed=0):
@@ -64,3 +64,14 @@ def test_features_differ_between_bit_widths():
 def test_a_probe_is_never_evaluated_on_samples_it_was_fitted_on():
     with pytest.raises(ValueError, match="evaluated on 1 samples it was fitted on"):
         probe_accuracy(tiny_model(), tiny_split(), 2, torch.arange(0, 20), torch.arange(19, 40), 10)
+
+
+def test_a_transfer_probe_fits_on_half_the_other_childs_data_and_scores_the_rest_and_the_test_split():
+    from emq.data import Dataset
+
+    split = tiny_split(40)
+    data = Dataset("tiny", split, tiny_split(20), 10, [str(c) for c in range(10)])
+    out = transfer_probe(tiny_model(), data, 2, torch.arange(20, 40))
+    assert set(out) == {"other", "test"}
+    assert out["other"] * 10 == pytest.approx(round(out["other"] * 10))  # accuracy over the 10 held-out samples
+    assert out["test"] * 20 == pytest.approx(round(out["test"] * 20))
