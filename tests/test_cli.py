@@ -96,6 +96,9 @@ BAD_INPUT = {
     "negative recalibration": (["eval", "{run}", "--recalibrate-bn", "-1"], ["--recalibrate-bn"]),
     "unknown bit-width in --bits": (["eval", "{run}", "--bits", "2,33"], ["unsupported bit-width 33"]),
     "unknown device": (["eval", "{run}", "--device", "nonsense"], ["nonsense"]),
+    "pruning ratio outside [0, 1)": (["train", *TINY, "--set", "coreset.prune=1.0"], ["'coreset.prune'", "[0, 1)"]),
+    "coreset smaller than one batch": (["train", *TINY, "--set", "coreset.prune=0.6", "--set", "coreset.warmup_epochs=0"],
+                                       ["keeps 51 of 128 training images, fewer than one batch of 64"]),
 }
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_exits_nonzero_with_one_error_line_and_touches_nothing(case, trained, workdir, tmp_path):
