@@ -52,7 +52,7 @@ test-reference: venv data
 	done
 
 bench: venv data
-	$(PY) -m emq.bench
+	$(PY) -m emq.bench --coreset
 
 clean:
 	rm -rf book/_build _build

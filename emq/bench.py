@@ -6,6 +6,9 @@
    ``multi-bit time / (number of bit-widths x full-precision time)``.
 2. The whole book at the ``cpu`` profile (every chapter with papermill into a fresh,
    temporary results store, so nothing is read back), unless ``--no-book``.
+3. With ``--coreset``: the training-cost ratio of EMQ (shared BN + mean+var correction +
+   bit-wise coreset at p = 0.6) against the same model on the full data, trained side by
+   side into a temporary store, and the scoring overhead of the lightweight-dynamic mode.
 """
 from __future__ import annotations
 
@@ -70,6 +73,45 @@ def book_time(profile: str) -> float:
         return time.perf_counter() - t0
 
 
+# The small size of the coreset comparison: the cpu profile's model on 2048 images, 4 epochs
+# of which the first is the full-data warm-up.
+CORESET_SIZE = {"data.train_size": 2048, "data.test_size": 2000, "train.epochs": 4, "coreset.warmup_epochs": 1}
+
+
+def coreset_cost(profile: str, prune: float, device: str) -> None:
+    """Train the full-data baseline, EMQ with static EL2N coresets and with lightweight-dynamic
+    ones, and print accuracy differences, wall time, sample-passes and the cost ratios."""
+    from .coresets import cost_ratio, total_passes, training_time
+    from .results import ResultsStore
+    from .training import train
+
+    base = method_config("shared_meanvar", load_config(profile=profile, overrides={
+        "data.root": str(repo_root() / "data"), **CORESET_SIZE}))
+    runs = {"full data": base, f"EMQ p={prune} static EL2N": base.with_overrides({"coreset.prune": prune}),
+            f"EMQ p={prune} lightweight EL2N": base.with_overrides({"coreset.prune": prune,
+                                                                    "coreset.mode": "lightweight"})}
+    data = load_data(base.data)
+    print(f"coreset cost: {base.model.arch}-{base.model.depth} width x{base.model.width}, {len(data.train)} images, "
+          f"{base.train.epochs} epochs (warm-up {base.coreset.warmup_epochs}), bits {list(base.train.bits)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ResultsStore(tmp)
+        summaries = {name: train(cfg, store, device=device, progress=False, data=data).summary
+                     for name, cfg in runs.items()}
+    full = summaries["full data"]
+    for name, s in summaries.items():
+        accs = "  ".join(f"{b}-bit {100 * s['acc'][b]:.2f}%" for b in sorted(s["acc"], key=int))
+        print(f"  {name:32s} train {training_time(s):6.1f} s (+{s['eval_time_s']:.1f} s eval), "
+              f"{total_passes(s):>9,d} sample-passes; {accs}")
+        if s is full:
+            continue
+        r = cost_ratio(full, s)
+        diffs = "  ".join(f"{b}-bit {100 * (s['acc'][b] - full['acc'][b]):+.2f}" for b in sorted(s["acc"], key=int))
+        print(f"  {'':32s} cost ratio {r['passes']:.2f}x in sample-passes, {r['wall_time']:.2f}x in training time; "
+              f"accuracy vs full data (pp): {diffs}")
+        print(f"  {'':32s} scoring {s['scoring_passes']:,d} passes, {s['scoring_time_s']:.2f} s = "
+              f"{100 * s['scoring_time_s'] / training_time(s):.2f}% of training time")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m emq.bench", description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="cpu", help="model and batch of this profile (default cpu)")
@@ -77,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-book", action="store_true", help="skip timing the whole book")
+    p.add_argument("--coreset", action="store_true", help="also measure the coreset cost ratio (section 3)")
+    p.add_argument("--prune", type=float, default=0.6, help="pruning ratio of the coreset comparison")
     args = p.parse_args(argv)
     r = step_times(args.profile, args.method, args.repeats, args.device)
     cfg, n = r["config"], len(r["bits"])
@@ -89,6 +133,8 @@ def main(argv=None) -> int:
     if not args.no_book:
         print(f"whole book at the {args.profile} profile, fresh results store:")
         print(f"  book time {book_time(args.profile):.0f} s")
+    if args.coreset:
+        coreset_cost(args.profile, args.prune, args.device)
     return 0
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .config import DataConfig, RunConfig, load_config
+from .coresets import total_passes, training_time
 from .data import Dataset, load_data
 from .methods import method_configs
 from .results import ResultsStore, Run, write_chapter_numbers
@@ -84,12 +85,11 @@ class Chapter:
 
 
 def training_cost(runs: list[Run]) -> dict[str, float]:
-    """What a method's runs cost together: wall time, and sample-passes (one sample forward and
-    backward at one bit-width, or through a companion model), scoring passes included."""
-    wall = sum(r.summary["wall_time_s"] for r in runs)
-    passes = sum(p["forward"] for r in runs for p in r.summary["sample_passes"].values())
-    passes += sum(r.summary.get("scoring_passes", 0) for r in runs)
-    return {"wall_time_s": wall, "sample_passes": passes}
+    """What a method's runs cost together: training time (wall time less the per-epoch test
+    evaluations) and sample-passes (:func:`emq.coresets.total_passes`: forward, backward,
+    teacher and scoring passes of one sample at one bit-width, or through a companion)."""
+    return {"wall_time_s": sum(training_time(r.summary) for r in runs),
+            "sample_passes": sum(total_passes(r.summary) for r in runs)}
 
 
 def runs_caption(runs: list[Run]) -> str:

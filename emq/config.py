@@ -72,11 +72,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CoresetConfig:
+    """Bit-wise coreset sampling (METHOD.md §3); ``prune = 0`` trains every bit-width on all data."""
+
+    prune: float = 0.0  # pruning ratio p: each bit-width trains on a fraction 1 - p; 0 = off (all data)
+    score: str = "el2n"  # el2n | grand | grand_last | loss | random | shard (disjoint random blocks)
+    mode: str = "static"  # static: select once | dynamic: re-score every `every` epochs | lightweight: dynamic,
+    #                       scores taken from the logits training computes (el2n or loss only)
+    warmup_epochs: int = 1  # epochs on the full data before the first selection
+    every: int = 1  # epochs between re-selections in the dynamic and lightweight modes
+    class_balanced: bool = False  # keep 1 - p of every class rather than of the whole training set
+    shard_offset: int = 0  # score=shard: the i-th bit-width (high to low) takes block i + shard_offset
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,6 +251,39 @@ def validate(cfg: RunConfig) -> None:
     for key, value in {"data.train_size": cfg.data.train_size, "data.test_size": cfg.data.test_size}.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be 0 (all) or positive, got {value}")
+    validate_coreset(cfg)
+
+
+def validate_coreset(cfg: RunConfig) -> None:
+    """The coreset section: choices, a pruning ratio in [0, 1), a warm-up shorter than training."""
+    from .coresets import LIGHTWEIGHT_SCORES, MODES, SCORES
+
+    c = cfg.coreset
+    for key, (value, allowed) in {"coreset.score": (c.score, SCORES), "coreset.mode": (c.mode, MODES)}.items():
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} is {value!r}: use one of {', '.join(allowed)}")
+    if not 0.0 <= c.prune < 1.0:
+        raise ConfigError(f"config key 'coreset.prune' is {c.prune}: the pruning ratio must be in [0, 1)")
+    for key, value in {"coreset.warmup_epochs": c.warmup_epochs, "coreset.shard_offset": c.shard_offset}.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be 0 or positive, got {value}")
+    if c.every <= 0:
+        raise ConfigError(f"config key 'coreset.every' must be positive, got {c.every}")
+    if c.prune == 0:
+        return
+    if c.warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(f"config key 'coreset.warmup_epochs' is {c.warmup_epochs}: it must be below "
+                          f"train.epochs ({cfg.train.epochs}) for pruning to happen")
+    if c.mode == "lightweight" and c.score not in LIGHTWEIGHT_SCORES:
+        raise ConfigError(f"coreset.mode 'lightweight' takes its scores from the training logits: use coreset.score "
+                          f"{' or '.join(LIGHTWEIGHT_SCORES)}, not {c.score!r}")
+    if c.mode == "lightweight" and c.warmup_epochs == 0:
+        raise ConfigError("coreset.mode 'lightweight' needs coreset.warmup_epochs >= 1 to have scores to select by")
+    if c.score == "shard" and c.class_balanced:
+        raise ConfigError("coreset.score 'shard' cuts random blocks: it cannot be class_balanced")
+    if cfg.train.distill == "joint":
+        raise ConfigError("train.distill 'joint' trains its companion on the shared batch: it cannot be combined "
+                          "with coreset pruning (coreset.prune > 0)")
 
 
 def load_config(path: str | Path | None = None, overrides=None, profile: str | None = None) -> RunConfig:

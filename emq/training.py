@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
+from .coresets import LightweightScores, bitwise_batches, is_active, make_schedule, select_subsets, selects_at
 from .data import Dataset, load_data
 from .evaluation import evaluate
 from .layers import set_bits
@@ -86,6 +87,43 @@ def multibit_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: tupl
         loss.backward()
         losses["companion"] = loss.item()
     return losses
+
+
+def bitwise_step(model: nn.Module, batches: dict[int, tuple], distill: str = "recursive",
+                 on_logits=None, configure: Configure = set_bits) -> tuple[dict[int, float], dict[int, int]]:
+    """:func:`multibit_step` when each bit-width has its own batch ``bits -> (x, y, index)``.
+
+    Distillation keeps METHOD.md §1's teachers: where a child's batch is not its teacher's,
+    the teacher (next-higher bit-width, or the highest for ``soft``) runs one extra forward
+    pass on the child's batch, without gradient, in training mode; those passes are returned
+    per child bit-width so that the cost accounts for them. With one shared batch this is
+    exactly :func:`multibit_step`. ``on_logits(bits, index, logits, y)`` sees each child's
+    detached logits (for lightweight scores); ``configure`` switches the model as in
+    :func:`multibit_step`.
+    """
+    order = sorted(batches, reverse=True)
+    losses, probs, extra = {}, {}, {b: 0 for b in order}
+    for i, b in enumerate(order):
+        x, y, index = batches[b]
+        teacher = None
+        if i > 0 and distill != "hard":
+            t = order[i - 1] if distill == "recursive" else order[0]
+            if batches[t][2] is index:
+                teacher = probs[t]
+            else:
+                with torch.no_grad():
+                    configure(model, t)
+                    teacher = F.softmax(model(x), dim=1)
+                extra[b] += len(x)
+        configure(model, b)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y) if teacher is None else soft_cross_entropy(logits, teacher)
+        loss.backward()
+        losses[b] = loss.item()
+        probs[b] = F.softmax(logits.detach(), dim=1)
+        if on_logits is not None:
+            on_logits(b, index, logits.detach(), y)
+    return losses, extra
 
 
 def make_companion(cfg: RunConfig, data: Dataset, device) -> nn.Module:
@@ -169,14 +207,19 @@ class TrainState:
     step: int = 0
     elapsed: float = 0.0  # seconds of training over all sessions of the run
     passes: dict = field(default_factory=dict)  # forward (= backward) sample-passes per bit-width
+    eval_time: float = 0.0  # of which seconds spent on the per-epoch test evaluations
+    coreset: dict | None = None  # subsets, their epoch, lightweight scores and cost counters
 
 
 def _checkpoint(run: Run, model, opt, state: TrainState, companion=None, companion_opt=None) -> None:
-    extra = {} if companion is None else {"companion": companion.state_dict(),
-                                          "companion_optimizer": companion_opt.state_dict()}
-    save_torch(run.path / "checkpoint.pt", {"config_hash": run.config.hash(), "step": state.step,
-                                            "elapsed": state.elapsed, "passes": state.passes,
-                                            "model": model.state_dict(), "optimizer": opt.state_dict(), **extra})
+    ckpt = {"config_hash": run.config.hash(), "step": state.step, "elapsed": state.elapsed,
+            "eval_time": state.eval_time, "passes": state.passes, "model": model.state_dict(),
+            "optimizer": opt.state_dict()}
+    if companion is not None:
+        ckpt.update(companion=companion.state_dict(), companion_optimizer=companion_opt.state_dict())
+    if state.coreset is not None:
+        ckpt["coreset"] = state.coreset
+    save_torch(run.path / "checkpoint.pt", ckpt)
 
 
 def _resume(run: Run, model, opt, device, companion=None, companion_opt=None) -> TrainState:
@@ -196,7 +239,36 @@ def _resume(run: Run, model, opt, device, companion=None, companion_opt=None) ->
         companion.load_state_dict(ckpt["companion"])
         companion_opt.load_state_dict(ckpt["companion_optimizer"])
     run.truncate_metrics(ckpt["step"])
-    return TrainState(ckpt["step"], ckpt["elapsed"], dict(ckpt.get("passes", {})))
+    return TrainState(ckpt["step"], ckpt["elapsed"], dict(ckpt.get("passes", {})), ckpt.get("eval_time", 0.0),
+                      ckpt.get("coreset"))
+
+
+def _new_coreset_state(cfg: RunConfig) -> dict:
+    bits = [str(b) for b in cfg.train.bits]
+    return {"subsets": None, "epoch": -1, "selections": 0, "light": None, "scoring_time_s": 0.0,
+            "teacher_forward": dict.fromkeys(bits, 0), "scoring": {b: {"forward": 0, "backward": 0} for b in bits}}
+
+
+def _select(cfg: RunConfig, model, data: Dataset, epoch: int, cs: dict, light, dev) -> None:
+    """Re-select every bit-width's subset at the start of ``epoch``, counting the scoring cost."""
+    t0 = time.perf_counter()
+    subsets, passes = select_subsets(model, data.train, cfg, epoch, light, dev)
+    cs["subsets"] = {str(b): v for b, v in subsets.items()}
+    cs["epoch"], cs["selections"] = epoch, cs["selections"] + 1
+    for b, p in passes.items():
+        cs["scoring"][str(b)]["forward"] += p.forward
+        cs["scoring"][str(b)]["backward"] += p.backward
+    cs["scoring_time_s"] += time.perf_counter() - t0
+    model.train()
+
+
+def _lightweight_recorder(light, cs: dict):
+    """``on_logits`` for :func:`bitwise_step`: update the scores, timing what it costs."""
+    def record(b, index, logits, y):
+        t0 = time.perf_counter()
+        light.update(b, index, logits, y)
+        cs["scoring_time_s"] += time.perf_counter() - t0
+    return record
 
 
 def _sgd(model: nn.Module, t) -> torch.optim.SGD:
@@ -211,17 +283,19 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     ``stop_after`` ends the session after that many steps in total, leaving a checkpoint
     (for tests of resumption). ``data`` may pass an already loaded dataset of ``cfg.data``.
     SIGTERM or Ctrl-C save a checkpoint of the current step and raise TrainingInterrupted.
+
+    With ``coreset.prune > 0`` every bit-width trains on its own subset after the warm-up
+    epochs (:mod:`emq.coresets`); one step still takes one batch per bit-width. The recipes of
+    :mod:`emq.recipes` decide at every step which bit-widths train and how the model switches.
     """
     if store.is_finished(cfg):
         return store.run(cfg)
     dev = resolve_device(device)
     data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
-    run = store.run(cfg)
     t = cfg.train
-    steps_per_epoch = len(data.train) // t.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size {t.batch_size} is larger than the {len(data.train)} training images")
-    total = steps_per_epoch * t.epochs
+    plan, subset_size = make_schedule(cfg, data.train.y)  # a too small subset leaves no trace either
+    run = store.run(cfg)
+    steps_per_epoch, total, pruning = plan.full_steps, plan.total, is_active(cfg)
     model = build_model(cfg, data, dev)
     opt = _sgd(model, t)
     companion = make_companion(cfg, data, dev) if t.distill == "joint" else None
@@ -229,7 +303,16 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     state = _resume(run, model, opt, dev, companion, companion_opt)
     if state.step == 0 and t.init_from:
         init_from_run(model, store, t.init_from, dev)
-    every = t.checkpoint_every or steps_per_epoch
+    if pruning and state.coreset is None:
+        state.coreset = _new_coreset_state(cfg)
+    cs = state.coreset
+    light, record = None, None
+    if pruning and cfg.coreset.mode == "lightweight":
+        light = LightweightScores(len(data.train), t.bits, cfg.coreset.score,
+                                  {int(b): v for b, v in cs["light"].items()} if cs["light"] else None)
+        cs["light"] = {str(b): v for b, v in light.values.items()}  # the same tensors, updated in place
+        record = _lightweight_recorder(light, cs)
+    optimizers = [opt] if companion is None else [opt, companion_opt]
     last = total if stop_after is None else min(total, max(stop_after, state.step + 1))
     bar = tqdm(total=total, initial=state.step, desc=f"train {run.hash}", disable=not progress, unit="step",
                dynamic_ncols=True, leave=False)
@@ -237,51 +320,93 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     model.train()
     with _stop_requests() as requested:
         while state.step < last:
-            epoch, start = divmod(state.step, steps_per_epoch)
-            for x, y, _ in data.train.batches(t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed,
-                                              epoch=epoch, start=start, device=dev):
-                optimizers = [opt] if companion is None else [opt, companion_opt]
+            epoch, start = plan.locate(state.step)
+            if not pruning:
+                steps = data.train.batches(t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed,
+                                           epoch=epoch, start=start, device=dev)
+            elif epoch < cfg.coreset.warmup_epochs:  # all children share the full-data batch
+                steps = ({b: batch for b in t.bits} for batch in data.train.batches(
+                    t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed, epoch=epoch, start=start,
+                    device=dev))
+            else:
+                if selects_at(cfg, epoch) and cs["epoch"] != epoch:
+                    _select(cfg, model, data, epoch, cs, light, dev)
+                steps = bitwise_batches(data.train, {int(b): v for b, v in cs["subsets"].items()}, t.batch_size,
+                                        seed=t.seed, epoch=epoch, start=start, augment=cfg.data.augment, device=dev)
+            for batch in steps:
                 for o in optimizers:
                     for group in o.param_groups:
                         group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch)
                     o.zero_grad(set_to_none=True)
                 bits = active_bits(t, state.step, total)
                 set_steepness(model, steepness(cfg.quant, state.step, total))
-                losses = multibit_step(model, x, y, bits, t.distill, step_configure(t, model, state.step, total),
-                                       companion, t.kd_temperature)
+                configure = step_configure(t, model, state.step, total)
+                if pruning:
+                    batch = {b: batch[b] for b in bits}
+                    losses, extra = bitwise_step(model, batch, t.distill, record, configure)
+                    for b, n in extra.items():
+                        cs["teacher_forward"][str(b)] += n
+                    sizes = {b: len(batch[b][1]) for b in bits}
+                else:
+                    x, y, _ = batch
+                    losses = multibit_step(model, x, y, bits, t.distill, configure, companion, t.kd_temperature)
+                    sizes = {b: len(y) for b in (*bits, *(["companion"] if companion is not None else []))}
                 for o in optimizers:
                     o.step()
-                for key in (*bits, *(["companion"] if companion is not None else [])):
-                    state.passes[str(key)] = state.passes.get(str(key), 0) + len(y)
+                for key, n in sizes.items():
+                    state.passes[str(key)] = state.passes.get(str(key), 0) + n
                 state.step += 1
                 state.elapsed = time.perf_counter() - started
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[max(t.bits)]:.3f}")
-                if state.step % steps_per_epoch == 0:
+                epoch_end = plan.locate(state.step)[1] == 0
+                if epoch_end:
+                    t_eval = time.perf_counter()
                     accs = {str(b): evaluate(model, data.test, b, device=dev) for b in t.bits}
-                    run.append_metrics({"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
-                                        "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
-                                        "elapsed_s": round(state.elapsed, 3)})
+                    row = {"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
+                           "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
+                           "elapsed_s": round(state.elapsed, 3)}
+                    if pruning:
+                        row["subset_size"] = subset_size if epoch >= cfg.coreset.warmup_epochs else len(data.train)
+                    run.append_metrics(row)
                     model.train()
-                if state.step % every == 0 or state.step == last or requested["stop"]:
+                    state.eval_time += time.perf_counter() - t_eval
+                saving = state.step % t.checkpoint_every == 0 if t.checkpoint_every else epoch_end
+                if saving or state.step == last or requested["stop"]:
                     _checkpoint(run, model, opt, state, companion, companion_opt)
                 if requested["stop"]:
                     bar.close()
                     raise TrainingInterrupted(f"training of run {run.hash} stopped at step {state.step}/{total}; "
                                               f"checkpoint saved: run the same command again to resume")
-                if state.step == last:
+                if state.step == last or epoch_end:
                     break
     bar.close()
     if state.step < total:  # stopped by stop_after
         return run
     save_torch(run.path / "model.pt", model.state_dict())
+    if cs is not None:  # the last subset of every bit-width, for analyses of what was kept
+        save_torch(run.path / "subsets.pt", cs["subsets"])
     final = run.metrics()[-1]["test_acc"]
     write_json(run.path / "env.json", env_info(str(dev)))
     write_json(run.path / "summary.json", {
-        "acc": final, "wall_time_s": round(state.elapsed, 3), "steps": total, "train_size": len(data.train),
-        "test_size": len(data.test),
-        "sample_passes": {k: {"forward": n, "backward": n} for k, n in state.passes.items()},
-        "scoring_passes": 0,
+        "acc": final, "wall_time_s": round(state.elapsed, 3), "eval_time_s": round(state.eval_time, 3),
+        "steps": total, "train_size": len(data.train), "test_size": len(data.test),
+        **_cost(plan, cs, subset_size, state.passes),
     })
     (run.path / "checkpoint.pt").unlink(missing_ok=True)
     return run
+
+
+def _cost(plan, cs: dict | None, subset_size: int, passes: dict) -> dict:
+    """Sample-passes per bit-width (forward, backward, and teacher passes of bit-wise runs) and scoring."""
+    if cs is None:
+        return {"sample_passes": {k: {"forward": n, "backward": n} for k, n in passes.items()}, "scoring_passes": 0}
+    return {
+        "sample_passes": {k: {"forward": n, "backward": n, "teacher_forward": cs["teacher_forward"][k]}
+                          for k, n in passes.items()},
+        "scoring_passes": sum(p["forward"] + p["backward"] for p in cs["scoring"].values()),
+        "scoring_passes_by_bits": cs["scoring"], "scoring_time_s": round(cs["scoring_time_s"], 4),
+        "coreset": {"subset_size": subset_size, "selections": cs["selections"],
+                    "full_data_steps": plan.warmup * plan.full_steps,
+                    "subset_steps": plan.total - plan.warmup * plan.full_steps},
+    }

@@ -100,7 +100,12 @@ BAD_INPUT = {
                                                                         "any_precision", "double_rounding"]),
     "bit-width the method cannot do": (["train", *TINY, "--method", "shift", "--set", "train.bits=1,4,32"],
                                        ["'shift' cannot do 1-bit"]),
+    "pruning ratio outside [0, 1)": (["train", *TINY, "--set", "coreset.prune=1.0"], ["'coreset.prune'", "[0, 1)"]),
+    "coreset smaller than one batch": (["train", *TINY, "--set", "coreset.prune=0.6", "--set", "coreset.warmup_epochs=0"],
+                                       ["keeps 51 of 128 training images, fewer than one batch of 64"]),
 }
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_exits_nonzero_with_one_error_line_and_touches_nothing(case, trained, workdir, tmp_path):
     store, run_dir = trained

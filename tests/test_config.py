@@ -11,6 +11,7 @@ import pytest
 from emq.config import (
     PROFILES,
     ConfigError,
+    CoresetConfig,
     DataConfig,
     ModelConfig,
     QuantConfig,
@@ -24,7 +25,8 @@ from emq.config import (
 # a different, valid value for every key whose values are a closed set of choices
 OTHER_CHOICE = {"quant.norm": "shared", "quant.correction": "mean", "quant.fp_act": "clamp",
                 "train.distill": "hard", "train.bits": (2, 3), "quant.weight_quantizer": "lsq",
-                "quant.act_quantizer": "qil", "train.progressive": "bits"}
+                "quant.act_quantizer": "qil", "train.progressive": "bits",
+                "coreset.score": "loss", "coreset.mode": "lightweight"}
 
 
 def get(cfg: RunConfig, key: str):
@@ -80,7 +82,8 @@ def test_missing_keys_take_their_defaults():
 def test_flat_keys_name_every_field():
     keys = flat_keys()
     assert "train.epochs" in keys and "quant.correction" in keys and "data.root" in keys
-    assert len(keys) == sum(len(dataclasses.fields(c)) for c in (DataConfig, ModelConfig, QuantConfig, TrainConfig))
+    assert len(keys) == sum(len(dataclasses.fields(c)) for c in (DataConfig, ModelConfig, QuantConfig, TrainConfig,
+                                                                          CoresetConfig))
 
 
 # ---- hash --------------------------------------------------------------------------------------------
@@ -102,6 +105,23 @@ def test_a_run_stored_before_a_field_was_added_keeps_its_hash_and_folder(tmp_pat
     del old["quant"]["scale_by_mean"]  # as if the field did not exist when the run was made
     write_json(folder / "config.json", old)
     assert ResultsStore(tmp_path).run(cfg).path == folder
+
+
+def test_every_stored_run_keeps_its_hash_and_folder_name():
+    """Fields added since (the coreset section among them) default to the old behaviour, so
+    every run folder of the committed results store is still found under its config's hash."""
+    from emq.results import ResultsStore
+
+    runs = ResultsStore(Path(__file__).resolve().parents[1] / "results").runs(finished=False)
+    assert runs, "no stored runs to check"
+    for run in runs:
+        assert run.config.hash() == run.hash, run.path
+
+
+def test_the_coreset_section_is_off_by_default_and_absent_from_the_hash():
+    assert CoresetConfig().prune == 0.0
+    assert "coreset" not in RunConfig().non_default()
+    assert "coreset" in load_config(overrides=["coreset.prune=0.5"]).non_default()
 
 
 def test_hash_is_stable_across_equal_configs_built_differently():

@@ -130,3 +130,23 @@ def test_a_resumed_run_of_every_recipe_at_once_ends_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.summary["acc"] == whole.summary["acc"]
     assert resumed.summary["sample_passes"] == whole.summary["sample_passes"]
+
+
+def test_joint_distillation_cannot_be_combined_with_coreset_pruning():
+    from emq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'joint'.*cannot be combined with coreset pruning"):
+        load_config(profile="smoke", overrides={**TINY, "train.distill": "joint", "coreset.prune": 0.5})
+
+
+def test_progressive_bits_with_coreset_pruning_trains_each_child_only_in_its_stages(tmp_path):
+    cfg = load_config(profile="smoke", overrides={**TINY, "train.epochs": 4, "train.progressive": "bits",
+                                                  "coreset.prune": 0.5, "coreset.warmup_epochs": 1})
+    run = train(cfg, ResultsStore(tmp_path), device="cpu", progress=False, data=load_data(cfg.data))
+    passes = {k: v["forward"] for k, v in run.summary["sample_passes"].items()}
+    # 4 epochs: 4 full-data steps of 32, then 3 epochs of 2 steps on 64-image subsets; 10 steps in 4 stages
+    steps = run.summary["steps"]
+    assert steps == 4 + 3 * 2
+    stages = [min(3, s * 4 // steps) for s in range(steps)]
+    expected = {b: sum(32 for s in stages if s >= i) for i, b in enumerate(("32", "8", "4", "2"))}
+    assert passes == expected
