@@ -11,6 +11,7 @@ import sys
 
 from .config import PROFILES, ConfigError, load_config
 from .data import DataError, fetch_fashion_mnist
+from .data_check import missing_pieces
 from .evaluation import evaluate_run
 from .quantizers import check_bits
 from .results import ResultsStore
@@ -48,10 +49,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="re-estimate BatchNorm statistics on N training batches first (0: zero-shot)")
     e.add_argument("--device", default="cpu")
 
-    d = sub.add_parser("data", help="get the embedded dataset")
+    d = sub.add_parser("data", help="get the embedded dataset, or check a dataset's files")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="put Fashion-MNIST under ROOT/FashionMNIST/raw")
     f.add_argument("--root", default="data")
+    c = dsub.add_parser("check", help="say what of dataset NAME is missing under ROOT (exit 1 if anything)")
+    c.add_argument("name", help="fashion_mnist, cifar10, cifar100, tinyimagenet or imagenet")
+    c.add_argument("root", help="the data root of that dataset")
     return p
 
 
@@ -76,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run.path} ({mode})")
             for b, acc in accs.items():
                 print(f"  {b:>2}-bit  {100 * acc:6.2f}%  {'trained' if b in trained else 'not trained'}")
+        elif args.command == "data" and args.data_command == "check":
+            missing = missing_pieces(args.name, args.root)
+            for line in missing:
+                print(f"missing: {line}")
+            if missing:
+                return 1
+            print(f"{args.name}: all present under {args.root}")
         elif args.command == "data":
             fetch_fashion_mnist(args.root)
     except (ConfigError, DataError, ValueError) as e:

@@ -224,9 +224,6 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
-    if cfg.data.image_size and cfg.data.name != "imagenet":
-        raise ConfigError(f"config key 'data.image_size' streams ImageNet-layout folders only; "
-                          f"data.name is {cfg.data.name!r}: leave data.image_size at 0")
     for key, value in {"data.train_size": cfg.data.train_size, "data.test_size": cfg.data.test_size,
                        "data.image_size": cfg.data.image_size}.items():
         if value < 0:

@@ -400,7 +400,10 @@ def load_data(cfg: DataConfig) -> Dataset:
         raise DataError(f"unknown dataset {cfg.name!r}: use one of {', '.join(DATASETS)}")
     if not Path(cfg.root).is_dir():
         raise DataError(f"data root {cfg.root!r} does not exist")
-    if cfg.image_size:  # streamed from disk at full size (validate() allows it for imagenet only)
+    if cfg.image_size and cfg.name != "imagenet":
+        raise DataError(f"data.image_size streams ImageNet-layout folders only; data.name is {cfg.name!r}: "
+                        f"leave data.image_size at 0")
+    if cfg.image_size:  # streamed from disk at full size
         from .imagefolder import load_imagenet_stream
 
         ds = load_imagenet_stream(cfg.root, cfg.image_size)

@@ -24,7 +24,8 @@ from emq.config import (
 # a different, valid value for every key whose values are a closed set of choices
 OTHER_CHOICE = {"quant.norm": "shared", "quant.correction": "mean", "quant.fp_act": "clamp",
                 "train.distill": "hard", "train.bits": (2, 3), "quant.weight_quantizer": "lsq",
-                "quant.act_quantizer": "qil"}
+                "quant.act_quantizer": "qil", "model.arch": "vit_tiny", "train.amp": "bf16",
+                "train.channels_last": "on", "train.compile": "off", "data.name": "imagenet"}
 
 
 def get(cfg: RunConfig, key: str):
