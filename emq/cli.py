@@ -1,4 +1,4 @@
-"""Command line: ``python -m emq {train,eval,data} ...``.
+"""Command line: ``python -m emq {train,eval,data,bench} ...``.
 
 Bad input (unknown bit-width, unknown config key, bad type, missing or corrupt dataset, a
 checkpoint of another config) ends with one line on stderr and exit status 2; nothing that
@@ -7,8 +7,11 @@ was already written is touched.
 from __future__ import annotations
 
 import argparse
+import shlex
+import subprocess
 import sys
 
+from . import distributed
 from .config import PROFILES, ConfigError, load_config
 from .data import DataError, fetch_fashion_mnist
 from .data_check import missing_pieces
@@ -41,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--results", default="results", help="results store folder (default: results)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (GPUs, or CPU cores with gloo), via torchrun")
+    t.add_argument("--print-torchrun", action="store_true", help="print the torchrun command of --nproc and exit")
 
     e = sub.add_parser("eval", help="evaluate a finished run at any bit-widths")
     e.add_argument("run_dir", help="the run's folder in the results store")
@@ -59,13 +65,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_args(args) -> list[str]:
+    """The arguments of ``python -m emq train`` that reproduce ``args`` without --nproc."""
+    out = [args.config] if args.config else []
+    for o in args.overrides:
+        out += ["--set", o]
+    if args.profile:
+        out += ["--profile", args.profile]
+    out += ["--results", args.results, "--device", args.device]
+    return out + (["--no-progress"] if args.no_progress else [])
+
+
+def _launch(args) -> int:
+    """Print, or run, the torchrun command that trains on ``args.nproc`` processes."""
+    if distributed.from_env().world > 1:
+        raise ConfigError("--nproc is for the launching command; under torchrun leave it out")
+    distributed.check_nproc(args.nproc, args.device)
+    train_args = _train_args(args)
+    if args.print_torchrun:
+        print(shlex.join(distributed.torchrun_command(args.nproc, train_args)))
+        return 0
+    cmd = distributed.torchrun_command(args.nproc, train_args, [sys.executable, "-m", "torch.distributed.run"])
+    return subprocess.run(cmd, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
             cfg = load_config(args.config, args.overrides, args.profile)
             resolve_device(args.device)
+            if args.nproc != 1 or args.print_torchrun:
+                return _launch(args)
             run = train(cfg, ResultsStore(args.results), device=args.device, progress=not args.no_progress)
+            distributed.teardown()
+            if not distributed.from_env().main:
+                return 0
             acc = run.summary["acc"]
             print(f"run {run.path}: " + ", ".join(f"{b}-bit {100 * acc[b]:.2f}%" for b in sorted(acc, key=int)))
         elif args.command == "eval":

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed, speed as speedups
 from .config import ConfigError, RunConfig
 from .data import Dataset, load_data
-from .evaluation import evaluate
 from .layers import set_bits
 from .models import build_model
 from .results import ResultsStore, Run, env_info, save_torch, write_json
@@ -111,13 +111,13 @@ class TrainState:
     elapsed: float = 0.0  # seconds of training over all sessions of the run
 
 
-def _checkpoint(run: Run, model, opt, state: TrainState) -> None:
+def _checkpoint(run: Run, model, opt, state: TrainState, world: int = 1) -> None:
     save_torch(run.path / "checkpoint.pt", {"config_hash": run.config.hash(), "step": state.step,
                                             "elapsed": state.elapsed, "model": model.state_dict(),
-                                            "optimizer": opt.state_dict()})
+                                            "optimizer": opt.state_dict(), "world_size": world})
 
 
-def _resume(run: Run, model, opt, device) -> TrainState:
+def _resume(run: Run, model, opt, device, world: int = 1) -> TrainState:
     ckpt_path = run.path / "checkpoint.pt"
     if not ckpt_path.is_file():
         return TrainState()
@@ -128,6 +128,9 @@ def _resume(run: Run, model, opt, device) -> TrainState:
     if ckpt.get("config_hash") != run.config.hash():
         raise ConfigError(f"checkpoint {ckpt_path} belongs to config {ckpt.get('config_hash')}, "
                           f"not {run.config.hash()}; delete it to restart")
+    if ckpt.get("world_size", 1) != world:
+        raise ConfigError(f"checkpoint {ckpt_path} was written by {ckpt.get('world_size', 1)} process(es), this run "
+                          f"has {world}: resume with --nproc {ckpt.get('world_size', 1)} or delete it to restart")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     run.truncate_metrics(ckpt["step"])
@@ -144,21 +147,26 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     """
     if store.is_finished(cfg):
         return store.run(cfg)
-    dev = resolve_device(device)
-    data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
-    run = store.run(cfg)
     t = cfg.train
+    if t.batch_size % distributed.from_env().world:
+        raise ConfigError(f"train.batch_size {t.batch_size} does not split evenly over "
+                          f"{distributed.from_env().world} processes")
+    par, dev = distributed.setup(device)  # one process, or this one of torchrun's (emq.distributed)
+    data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
+    run = store.run(cfg) if par.main else Run(store.path_of(cfg), cfg)  # only rank 0 writes
     steps_per_epoch = len(data.train) // t.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size {t.batch_size} is larger than the {len(data.train)} training images")
     total = steps_per_epoch * t.epochs
-    model = build_model(cfg, data, dev)
+    speed = speedups.resolve_speed(t, dev)
+    model = distributed.prepare_model(build_model(cfg, data, dev), par, dev)
+    step_model = speedups.prepare_model(model, speed)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                           nesterov=t.momentum > 0)
-    state = _resume(run, model, opt, dev)
+    state = _resume(run, model, opt, dev, par.world)
     every = t.checkpoint_every or steps_per_epoch
     last = total if stop_after is None else min(total, max(stop_after, state.step + 1))
-    bar = tqdm(total=total, initial=state.step, desc=f"train {run.hash}", disable=not progress, unit="step",
+    bar = tqdm(total=total, initial=state.step, desc=f"train {run.hash}", disable=not (progress and par.main), unit="step",
                dynamic_ncols=True, leave=False)
     started = time.perf_counter() - state.elapsed
     model.train()
@@ -166,24 +174,29 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
         while state.step < last:
             epoch, start = divmod(state.step, steps_per_epoch)
             for x, y, _ in data.train.batches(t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed,
-                                              epoch=epoch, start=start, device=dev):
+                                              epoch=epoch, start=start, device=dev, shard=par.shard):
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch)
                 opt.zero_grad(set_to_none=True)
-                losses = multibit_step(model, x, y, t.bits, t.distill)
+                with speedups.autocast(speed, dev):
+                    losses = multibit_step(step_model, speedups.prepare_input(x, speed), y, t.bits, t.distill)
+                distributed.allreduce_grads(model, par)
                 opt.step()
+                requested["stop"] = distributed.any_true(requested["stop"], par, dev)
                 state.step += 1
                 state.elapsed = time.perf_counter() - started
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{losses[max(t.bits)]:.3f}")
                 if state.step % steps_per_epoch == 0:
-                    accs = {str(b): evaluate(model, data.test, b, device=dev) for b in t.bits}
-                    run.append_metrics({"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
-                                        "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
-                                        "elapsed_s": round(state.elapsed, 3)})
+                    accs = {str(b): distributed.evaluate_sharded(model, data.test, b, par, dev) for b in t.bits}
+                    losses = distributed.mean_over(losses, par, dev)
+                    if par.main:
+                        run.append_metrics({"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
+                                            "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
+                                            "elapsed_s": round(state.elapsed, 3)})
                     model.train()
-                if state.step % every == 0 or state.step == last or requested["stop"]:
-                    _checkpoint(run, model, opt, state)
+                if par.main and (state.step % every == 0 or state.step == last or requested["stop"]):
+                    _checkpoint(run, model, opt, state, par.world)
                 if requested["stop"]:
                     bar.close()
                     raise TrainingInterrupted(f"training of run {run.hash} stopped at step {state.step}/{total}; "
@@ -191,12 +204,13 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                 if state.step == last:
                     break
     bar.close()
-    if state.step < total:  # stopped by stop_after
+    if state.step < total or not par.main:  # stopped by stop_after, or not the writing process
+        distributed.barrier(par)
         return run
     save_torch(run.path / "model.pt", model.state_dict())
     final = run.metrics()[-1]["test_acc"]
     passes = t.epochs * steps_per_epoch * t.batch_size
-    write_json(run.path / "env.json", env_info(str(dev)))
+    write_json(run.path / "env.json", {**env_info(str(dev)), "processes": par.world, "speed": speed.as_dict()})
     write_json(run.path / "summary.json", {
         "acc": final, "wall_time_s": round(state.elapsed, 3), "steps": total, "train_size": len(data.train),
         "test_size": len(data.test),
@@ -204,4 +218,5 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
         "scoring_passes": 0,
     })
     (run.path / "checkpoint.pt").unlink(missing_ok=True)
+    distributed.barrier(par)
     return run
