@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="put Fashion-MNIST under ROOT/FashionMNIST/raw")
     f.add_argument("--root", default="data")
+    sub.add_parser("bench", help="speed figures (python -m emq.bench; its options follow)", add_help=False)
     c = dsub.add_parser("check", help="say what of dataset NAME is missing under ROOT (exit 1 if anything)")
     c.add_argument("name", help="fashion_mnist, cifar10, cifar100, tinyimagenet or imagenet")
     c.add_argument("root", help="the data root of that dataset")
@@ -90,6 +91,11 @@ def _launch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every further option is emq.bench's own
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
