@@ -18,6 +18,7 @@ pictures where ImageNet is not available.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,9 @@ def make_imagenet_folder(out: str | Path, fashion_root: str | Path, per_class_tr
     done = out / ".complete"
     if done.is_file() and done.read_text().strip() == f"{per_class_train} {per_class_val} {size}":
         return out
+    for stale in ("train", "val"):  # a folder of other sizes (or a partial build): start afresh
+        shutil.rmtree(out / stale, ignore_errors=True)
+    done.unlink(missing_ok=True)
     ds = load_fashion_mnist(fashion_root)
     wnids = [f"n{k:08d}" for k in range(ds.num_classes)]
     val_wnids = []
