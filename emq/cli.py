@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -87,7 +88,15 @@ def _launch(args) -> int:
         print(shlex.join(distributed.torchrun_command(args.nproc, train_args)))
         return 0
     cmd = distributed.torchrun_command(args.nproc, train_args, [sys.executable, "-m", "torch.distributed.run"])
-    return subprocess.run(cmd, check=False).returncode
+    proc = subprocess.Popen(cmd)
+    # a SIGTERM (a preempted node) or Ctrl-C reaches torchrun, which passes it on to every process
+    previous = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:

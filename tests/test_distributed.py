@@ -176,3 +176,39 @@ def test_batch_must_split_over_the_processes(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
         train(load_config(profile="smoke", overrides=TINY), ResultsStore(tmp_path), device="cpu")
     assert not (tmp_path / "runs").exists()
+
+
+@needs_data
+def test_a_preempted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGTERM to torchrun (as a scheduler preempting a node does): every process stops after the
+    same step, rank 0 saves the checkpoint, and the same command resumes it to the weights of an
+    uninterrupted 2-process run, bit for bit."""
+    import signal
+    import time
+
+    sets = [a for k, v in {**TINY, "train.epochs": 3, "train.batch_size": 16}.items() for a in ("--set", f"{k}={v}")]
+    base = [sys.executable, "-m", "emq", "train", "--profile", "smoke", *sets, "--device", "cpu", "--no-progress",
+            "--nproc", "2"]  # 16 steps per epoch, 48 steps
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([*base, "--results", str(tmp_path / "a")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    store = tmp_path / "b"
+    proc = subprocess.Popen([*base, "--results", str(store)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(store.glob("runs/*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    (run_dir,) = store.glob("runs/*")
+    assert not (run_dir / "summary.json").exists()
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and 16 <= ckpt["step"] < 48
+    resumed = subprocess.run([*base, "--results", str(store)], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "a" / "runs" / run_dir.name / "model.pt", weights_only=True)
+    b = torch.load(run_dir / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
