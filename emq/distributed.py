@@ -8,15 +8,15 @@ optimizer step as one process would on the whole batch.
 
 - Process group: from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``MASTER_ADDR/PORT``); NCCL on GPUs (process ``r`` on ``cuda:LOCAL_RANK``), gloo on the CPU.
-- Gradients: one coalesced all-reduce per optimizer step (:func:`allreduce_grads`), not the
-  ``DistributedDataParallel`` module's per-backward buckets. The multi-bit step runs one
-  forward and backward per bit-width and accumulates, and with switchable norms some
-  parameters are unused at each bit-width; the DDP module synchronises once per backward
-  and expects every parameter of a pass to be either used or marked unused, which does not
-  fit an accumulation over passes that use different parameters. Averaging the accumulated
-  gradients once per step is exact and costs one all-reduce of the model's size.
+- Gradients: one coalesced all-reduce per optimizer step (:func:`allreduce_grads`), after the
+  multi-bit step's forward and backward passes (one per bit-width) have accumulated them, so
+  :func:`emq.training.multibit_step` stays a plain function of the model. The
+  ``DistributedDataParallel`` module gives the same averaged gradients when wrapped with
+  ``find_unused_parameters=True`` and ``no_sync()`` on all but the last bit-width (checked
+  once on 2 gloo processes, switchable BN included) and would overlap communication with the
+  last backward pass; it is the obvious next step if the all-reduce shows up in GPU profiles.
 - BatchNorm: statistics over the global batch, not per process (:func:`sync_norms`):
-  torch's ``SyncBatchNorm`` on GPUs; on the CPU, where torch's has no kernels,
+  torch's ``SyncBatchNorm`` on GPUs; on the CPU, where torch's SyncBatchNorm refuses CPU tensors,
   :class:`GlobalBatchNorm2d`, which all-reduces the per-channel sums (autograd-aware). So a
   2-process run computes the 1-process run's function, up to the order of float sums.
 - Only rank 0 writes to the results store; metrics are all-reduced (accuracy as counts of
