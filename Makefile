@@ -42,13 +42,14 @@ book: chapters html
 test: venv data
 	$(PY) -m pytest
 
-# The smoke-profile copies of the chapters that nbval re-executes and compares.
+# The smoke-profile copies of the chapters that nbval re-executes and compares, at one thread
+# as the tests run them (tests/conftest.py).
 test-reference: venv data
 	@mkdir -p tests/notebooks
 	@rm -rf _build/test-results
 	@for nb in $(CHAPTERS); do \
 	  out=tests/notebooks/$$(basename $$nb); \
-	  $(VENV)/bin/papermill --cwd tests/notebooks -p profile smoke -p results_dir _build/test-results $$nb $$out || exit 1; \
+	  OMP_NUM_THREADS=1 $(VENV)/bin/papermill --cwd tests/notebooks -p profile smoke -p results_dir _build/test-results $$nb $$out || exit 1; \
 	done
 
 bench: venv data

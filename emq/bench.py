@@ -9,6 +9,11 @@
 3. With ``--coreset``: the training-cost ratio of EMQ (shared BN + mean+var correction +
    bit-wise coreset at p = 0.6) against the same model on the full data, trained side by
    side into a temporary store, and the scoring overhead of the lightweight-dynamic mode.
+4. With ``--throughput``: images/s of a multi-bit training step (all trained bit-widths) of
+   ResNet-20 at CIFAR shape and ResNet-18 at ImageNet shape, eager and compiled, fp32 and
+   bf16, each beside a full-precision step of the same model; the quantization overhead and
+   the time of one 50k-image epoch. Full size (batch 256, 224 px) on a GPU; a small size on
+   the CPU (``--size``). Synthetic inputs: this measures the step, not the data pipeline.
 """
 from __future__ import annotations
 
@@ -112,6 +117,81 @@ def coreset_cost(profile: str, prune: float, device: str) -> None:
               f"{100 * s['scoring_time_s'] / training_time(s):.2f}% of training time")
 
 
+# name -> (arch, image side, batch, classes) at each size of the throughput section
+THROUGHPUT_MODELS = {
+    "full": {"resnet20": ("resnet", 32, 256, 10), "resnet18": ("resnet18", 224, 256, 1000)},
+    "small": {"resnet20": ("resnet", 32, 32, 10), "resnet18": ("resnet18", 64, 16, 1000)},
+}
+EPOCH_IMAGES = 50_000  # a CIFAR-size epoch
+
+
+def throughput_times(arch: str, side: int, batch: int, classes: int, bits: tuple[int, ...], speed, device: str,
+                     repeats: int) -> dict:
+    """Median seconds of a multi-bit step and of a full-precision step, under ``speed``."""
+    from .config import ModelConfig, QuantConfig
+    from .models import make_model
+    from .speed import autocast, prepare_input, prepare_model
+
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    model = make_model(ModelConfig(arch=arch), QuantConfig(), bits, classes, 3, side).to(dev).train()
+    step_model = prepare_model(model, speed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = prepare_input(torch.randn(batch, 3, side, side, device=dev), speed)
+    y = torch.randint(0, classes, (batch,), device=dev)
+
+    def one(b):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast(speed, dev):
+            multibit_step(step_model, x, y, b)
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(3):  # warm-up (and, compiled, one graph per bit-width)
+        one(bits), one((32,))
+    multi, fp = [], []
+    for _ in range(repeats):
+        multi.append(one(bits))
+        fp.append(one((32,)))
+    return {"multi_s": statistics.median(multi), "fp_s": statistics.median(fp)}
+
+
+def throughput(size: str, device: str, repeats: int, compile_: bool, bits=(2, 4, 8, 32)) -> list[dict]:
+    """One row per model and variant (compile x bf16): step times, images/s, overhead, epoch time."""
+    from .speed import Speed
+
+    dev = resolve_device(device)
+    rows = []
+    for name, (arch, side, batch, classes) in THROUGHPUT_MODELS[size].items():
+        for comp in ((False, True) if compile_ else (False,)):
+            for amp in (False, True):
+                speed = Speed(amp=amp, channels_last=dev.type == "cuda", compile=comp)
+                if comp:
+                    torch._dynamo.reset()
+                t = throughput_times(arch, side, batch, classes, bits, speed, device, repeats)
+                rows.append({"model": name, "side": side, "batch": batch, "compile": comp, "bf16": amp, **t,
+                             "images_per_s": batch / t["multi_s"], "fp_images_per_s": batch / t["fp_s"],
+                             "overhead": t["multi_s"] / (len(bits) * t["fp_s"]),
+                             "epoch_s": EPOCH_IMAGES / batch * t["multi_s"]})
+    return rows
+
+
+def print_throughput(rows: list[dict], device: str, bits=(2, 4, 8, 32)) -> None:
+    dev = resolve_device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"throughput on {name}; multi-bit = one step over bits {list(bits)}, fp = one step at 32 bits; "
+          f"overhead = multi / ({len(bits)} x fp); epoch = {EPOCH_IMAGES} images at the multi-bit step")
+    print(f"  {'model':9} {'side':>4} {'batch':>5} {'compile':>7} {'bf16':>5} {'fp ms':>8} {'multi ms':>9} "
+          f"{'img/s':>8} {'fp img/s':>9} {'overhead':>8} {'epoch s':>8}")
+    for r in rows:
+        print(f"  {r['model']:9} {r['side']:>4} {r['batch']:>5} {str(r['compile']):>7} {str(r['bf16']):>5} "
+              f"{1000 * r['fp_s']:8.1f} {1000 * r['multi_s']:9.1f} {r['images_per_s']:8.0f} "
+              f"{r['fp_images_per_s']:9.0f} {r['overhead']:8.2f} {r['epoch_s']:8.1f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m emq.bench", description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="cpu", help="model and batch of this profile (default cpu)")
@@ -121,6 +201,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-book", action="store_true", help="skip timing the whole book")
     p.add_argument("--coreset", action="store_true", help="also measure the coreset cost ratio (section 3)")
     p.add_argument("--prune", type=float, default=0.6, help="pruning ratio of the coreset comparison")
+    p.add_argument("--throughput", action="store_true", help="add the training-throughput section (section 4)")
+    p.add_argument("--size", choices=("auto", "full", "small"), default="auto",
+                   help="throughput at full size (batch 256, 224 px) or small; auto: full on CUDA, small on CPU")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="also time compiled steps (auto: on CUDA only; inductor on the CPU compiles for minutes)")
     args = p.parse_args(argv)
     r = step_times(args.profile, args.method, args.repeats, args.device)
     cfg, n = r["config"], len(r["bits"])
@@ -130,6 +215,11 @@ def main(argv=None) -> int:
     print(f"  multi-bit step       {1000 * r['multi_s']:8.1f} ms ({n} bit-widths)")
     print(f"  ratio multi-bit / full-precision          {r['multi_s'] / r['fp_s']:.2f}")
     print(f"  quantization overhead multi / ({n} x fp)    {r['multi_s'] / (n * r['fp_s']):.2f}")
+    if args.throughput:
+        cuda = resolve_device(args.device).type == "cuda"
+        size = args.size if args.size != "auto" else ("full" if cuda else "small")
+        comp = cuda if args.compile == "auto" else args.compile == "on"
+        print_throughput(throughput(size, args.device, args.repeats, comp), args.device)
     if not args.no_book:
         print(f"whole book at the {args.profile} profile, fresh results store:")
         print(f"  book time {book_time(args.profile):.0f} s")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m emq {train,eval,data} ...``.
+"""Command line: ``python -m emq {train,eval,data,bench} ...``.
 
 Bad input (unknown bit-width, unknown config key, bad type, missing or corrupt dataset, a
 checkpoint of another config) ends with one line on stderr and exit status 2; nothing that
@@ -7,10 +7,15 @@ was already written is touched.
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
+import subprocess
 import sys
 
+from . import distributed
 from .config import PROFILES, ConfigError, load_config, parse_overrides
 from .data import DataError, fetch_fashion_mnist
+from .data_check import missing_pieces
 from .evaluation import evaluate_run
 from .methods import METHODS, method_configs
 from .quantizers import check_bits
@@ -43,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--results", default="results", help="results store folder (default: results)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (GPUs, or CPU cores with gloo), via torchrun")
+    t.add_argument("--print-torchrun", action="store_true", help="print the torchrun command of --nproc and exit")
 
     e = sub.add_parser("eval", help="evaluate a finished run at any bit-widths")
     e.add_argument("run_dir", help="the run's folder in the results store")
@@ -53,14 +61,57 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered methods")
 
-    d = sub.add_parser("data", help="get the embedded dataset")
+    d = sub.add_parser("data", help="get the embedded dataset, or check a dataset's files")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="put Fashion-MNIST under ROOT/FashionMNIST/raw")
     f.add_argument("--root", default="data")
+    c = dsub.add_parser("check", help="say what of dataset NAME is missing under ROOT (exit 1 if anything)")
+    c.add_argument("name", help="fashion_mnist, cifar10, cifar100, tinyimagenet or imagenet")
+    c.add_argument("root", help="the data root of that dataset")
+    sub.add_parser("bench", help="speed figures (python -m emq.bench; its options follow)", add_help=False)
     return p
 
 
+def _train_args(args) -> list[str]:
+    """The arguments of ``python -m emq train`` that reproduce ``args`` without --nproc."""
+    out = [args.config] if args.config else []
+    if args.method:
+        out += ["--method", args.method]
+    for o in args.overrides:
+        out += ["--set", o]
+    if args.profile:
+        out += ["--profile", args.profile]
+    out += ["--results", args.results, "--device", args.device]
+    return out + (["--no-progress"] if args.no_progress else [])
+
+
+def _launch(args) -> int:
+    """Print, or run, the torchrun command that trains on ``args.nproc`` processes."""
+    if distributed.from_env().world > 1:
+        raise ConfigError("--nproc is for the launching command; under torchrun leave it out")
+    distributed.check_nproc(args.nproc, args.device)
+    train_args = _train_args(args)
+    if args.print_torchrun:
+        print(shlex.join(distributed.torchrun_command(args.nproc, train_args)))
+        return 0
+    cmd = distributed.torchrun_command(args.nproc, train_args, [sys.executable, "-m", "torch.distributed.run"])
+    proc = subprocess.Popen(cmd)
+    # a SIGTERM (a preempted node) or Ctrl-C reaches torchrun, which passes it on to every process
+    previous = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every further option is emq.bench's own
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -70,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 stages = [cfg.with_overrides(args.overrides)]
             resolve_device(args.device)
+            if args.nproc != 1 or args.print_torchrun:
+                return _launch(args)
             for cfg in stages:
                 run = train(cfg, ResultsStore(args.results), device=args.device, progress=not args.no_progress)
-                acc = run.summary["acc"]
-                print(f"run {run.path}: " + ", ".join(f"{b}-bit {100 * acc[b]:.2f}%" for b in sorted(acc, key=int)))
+                if distributed.from_env().main:
+                    acc = run.summary["acc"]
+                    print(f"run {run.path}: " + ", ".join(f"{b}-bit {100 * acc[b]:.2f}%" for b in sorted(acc, key=int)))
+            distributed.teardown()
         elif args.command == "methods":
             width = max(map(len, METHODS))
             for name, method in METHODS.items():
@@ -90,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run.path} ({mode})")
             for b, acc in accs.items():
                 print(f"  {b:>2}-bit  {100 * acc:6.2f}%  {'trained' if b in trained else 'not trained'}")
+        elif args.command == "data" and args.data_command == "check":
+            missing = missing_pieces(args.name, args.root)
+            for line in missing:
+                print(f"missing: {line}")
+            if missing:
+                return 1
+            print(f"{args.name}: all present under {args.root}")
         elif args.command == "data":
             fetch_fashion_mnist(args.root)
     except (ConfigError, DataError, ValueError) as e:

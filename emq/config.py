@@ -28,14 +28,17 @@ class DataConfig:
     test_size: int = 0  # 0 = the whole test split
     subset_seed: int = 0  # seed of the fixed subsets, shared by all runs so they see the same data
     augment: bool = True  # random crop (pad 2 or 4) and horizontal flip on training batches
+    # 0: ImageNet decoded once into 64 px tensors (small copies); > 0: ImageNet streamed from disk
+    # through torchvision's ImageFolder, RandomResizedCrop+flip to this size (emq.imagefolder)
+    image_size: int = 0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "resnet"  # CIFAR-style ResNet of depth 6n+2
-    depth: int = 20  # 20 = ResNet-20
-    width: float = 1.0  # multiplier on the stage widths 16, 32, 64
-    preact: bool = False  # pre-activation blocks (BN -> act -> conv)
+    arch: str = "resnet"  # resnet: CIFAR-style ResNet of depth 6n+2 | resnet18 | resnet50 | vit_tiny
+    depth: int = 20  # 20 = ResNet-20 (CIFAR ResNet only)
+    width: float = 1.0  # multiplier on the stage widths 16, 32, 64 (CIFAR ResNet only)
+    preact: bool = False  # pre-activation blocks (BN -> act -> conv) (CIFAR ResNet only)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class TrainConfig:
     init_from: str = ""  # hash of a finished run in the same store whose weights start this one
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    # Speed options (emq.speed). auto = on for CUDA, off on the CPU, so CPU runs are unchanged.
+    amp: str = "auto"  # bf16 autocast of the forward passes: auto | off | bf16
+    channels_last: str = "auto"  # NHWC memory format for model and inputs: auto | off | on
+    compile: str = "auto"  # torch.compile the model (one graph per bit-width): auto | off | on
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,10 @@ def validate(cfg: RunConfig) -> None:
         "quant.fp_act": (cfg.quant.fp_act, ("relu", "clamp")),
         "train.distill": (cfg.train.distill, ("recursive", "hard", "soft", "joint")),
         "train.progressive": (cfg.train.progressive, ("none", "weights_first", "bits")),
+        "model.arch": (cfg.model.arch, ("resnet", "resnet18", "resnet50", "vit_tiny")),
+        "train.amp": (cfg.train.amp, ("auto", "off", "bf16")),
+        "train.channels_last": (cfg.train.channels_last, ("auto", "off", "on")),
+        "train.compile": (cfg.train.compile, ("auto", "off", "on")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -248,7 +259,8 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
-    for key, value in {"data.train_size": cfg.data.train_size, "data.test_size": cfg.data.test_size}.items():
+    for key, value in {"data.train_size": cfg.data.train_size, "data.test_size": cfg.data.test_size,
+                       "data.image_size": cfg.data.image_size}.items():
         if value < 0:
             raise ConfigError(f"config key {key!r} must be 0 (all) or positive, got {value}")
     validate_coreset(cfg)

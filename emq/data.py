@@ -44,6 +44,14 @@ class TensorSplit:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def channels(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x.shape[-1]
+
     def subset(self, index: torch.Tensor) -> "TensorSplit":
         return TensorSplit(self.x[index], self.y[index], self.mean, self.std, self.pad)
 
@@ -65,12 +73,14 @@ class TensorSplit:
         return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
-                epoch: int = 0, start: int = 0, device: str | torch.device = "cpu",
+                epoch: int = 0, start: int = 0, device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1),
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y, index)`` batches; ``start`` skips the first batches of the epoch.
 
         The order comes from a generator seeded by (seed, epoch); the augmentation of batch
         ``i`` from one seeded by (seed, epoch, i). Training drops the last partial batch.
+        ``shard = (rank, world)`` keeps process ``rank``'s contiguous part of every batch
+        (augmented as part of the whole batch, so the union over ranks is the 1-process batch).
         """
         n = len(self)
         order = torch.arange(n)
@@ -82,6 +92,11 @@ class TensorSplit:
             x = self.x[idx]
             if augment:
                 x = self.augment(x, torch.Generator().manual_seed(_mix(seed, epoch, i + 1)))
+            if shard[1] > 1:
+                from .imagefolder import shard_of
+
+                part = shard_of(len(idx), *shard)
+                x, idx = x[part], idx[part]
             yield self.normalise(x.to(device)), self.y[idx].to(device), idx
 
 
@@ -103,7 +118,11 @@ class Dataset:
 
     @property
     def in_channels(self) -> int:
-        return self.train.x.shape[1]
+        return self.train.channels
+
+    @property
+    def image_size(self) -> int:
+        return self.train.image_size
 
 
 def _fixed_subset(split: TensorSplit, size: int, seed: int) -> TensorSplit:
@@ -336,8 +355,8 @@ def load_imagenet(root: str | Path, image_size: int = IMAGENET_TENSOR_SIZE) -> D
     Needs ``root/meta.bin`` and ``root/{train,val}/<wnid>/*.JPEG`` (what torchvision leaves
     after parsing the official archives). Every image is resized (shorter side) and
     center-cropped to ``image_size`` (default :data:`IMAGENET_TENSOR_SIZE`) and held in memory,
-    so the tensor-based training loop runs unchanged on small copies. Full-scale ImageNet
-    (streamed from disk with per-batch decoding at 224 px) is future work. Class names are the
+    so the tensor-based training loop runs unchanged on small copies. Full-scale ImageNet is
+    streamed from disk instead with ``data.image_size`` > 0 (:mod:`emq.imagefolder`). Class names are the
     first name of each wnid's names in meta.bin.
     """
     from torchvision.datasets import ImageNet
@@ -381,7 +400,15 @@ def load_data(cfg: DataConfig) -> Dataset:
         raise DataError(f"unknown dataset {cfg.name!r}: use one of {', '.join(DATASETS)}")
     if not Path(cfg.root).is_dir():
         raise DataError(f"data root {cfg.root!r} does not exist")
-    ds = DATASETS[cfg.name](cfg.root)
+    if cfg.image_size and cfg.name != "imagenet":
+        raise DataError(f"data.image_size streams ImageNet-layout folders only; data.name is {cfg.name!r}: "
+                        f"leave data.image_size at 0")
+    if cfg.image_size:  # streamed from disk at full size
+        from .imagefolder import load_imagenet_stream
+
+        ds = load_imagenet_stream(cfg.root, cfg.image_size)
+    else:
+        ds = DATASETS[cfg.name](cfg.root)
     ds.train = _fixed_subset(ds.train, cfg.train_size, cfg.subset_seed)
     ds.test = _fixed_subset(ds.test, cfg.test_size, cfg.subset_seed + 1)
     return ds

@@ -1,6 +1,8 @@
-"""Multi-bit models. CIFAR ResNet-20 (He et al. 2016, option-B shortcuts) with a width
+"""Multi-bit models, by name (:data:`ARCHS`). CIFAR ResNet-20 (He et al. 2016, option-B shortcuts) with a width
 multiplier, a depth parameter, an optional pre-activation layout and any number of input
 channels; the small variants of the cpu profile are the same code at a smaller width.
+torchvision's ResNet-18/50 (:mod:`emq.resnets`) and a DeiT-tiny-like ViT (:mod:`emq.vit`)
+are registered beside it.
 """
 from __future__ import annotations
 
@@ -9,13 +11,11 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig, QuantConfig, RunConfig
 from .data import load_data
-from .layers import QAct, QConv2d, QLinear, QuantWeightMixin, make_norm
-from .schemes import make_act_quantizer, make_weight_quantizer
-
-
-def make_act(q: QuantConfig, bits: tuple[int, ...]) -> QAct:
-    """An activation of the configured scheme (its learnable parameters are its own)."""
-    return QAct(q.fp_act, make_act_quantizer(q, bits))
+from .layers import QConv2d, QLinear, QuantWeightMixin, make_norm
+from .resnets import resnet18, resnet50
+from .schemes import make_weight_quantizer
+from .swap import make_act
+from .vit import vit_tiny
 
 
 class Block(nn.Module):
@@ -87,21 +87,27 @@ class ResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-ARCHS = {"resnet": ResNet}
+def cifar_resnet(m: ModelConfig, q: QuantConfig, bits, num_classes: int, in_channels: int, image_size: int = 32):
+    return ResNet(m, q, bits, num_classes, in_channels)
 
 
-def make_model(m: ModelConfig, q: QuantConfig, bits: tuple[int, ...], num_classes: int, in_channels: int) -> nn.Module:
+# arch name -> builder(m, q, bits, num_classes, in_channels, image_size)
+ARCHS = {"resnet": cifar_resnet, "resnet18": resnet18, "resnet50": resnet50, "vit_tiny": vit_tiny}
+
+
+def make_model(m: ModelConfig, q: QuantConfig, bits: tuple[int, ...], num_classes: int, in_channels: int,
+               image_size: int = 32) -> nn.Module:
     """Build the multi-bit model named by ``m.arch`` for the trained bit-widths ``bits``."""
     if m.arch not in ARCHS:
         raise ValueError(f"unknown arch {m.arch!r}: use one of {', '.join(ARCHS)}")
-    return ARCHS[m.arch](m, q, bits, num_classes, in_channels)
+    return ARCHS[m.arch](m, q, bits, num_classes, in_channels, image_size)
 
 
 def build_model(cfg: RunConfig, data, device: torch.device | str = "cpu") -> nn.Module:
     """The model of ``cfg``, initialised from ``cfg.train.seed`` without touching global RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        model = make_model(cfg.model, cfg.quant, cfg.train.bits, data.num_classes, data.in_channels)
+        model = make_model(cfg.model, cfg.quant, cfg.train.bits, data.num_classes, data.in_channels, data.image_size)
     return model.to(device)
 
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed, speed as speedups
 from .config import ConfigError, RunConfig
 from .coresets import LightweightScores, bitwise_batches, is_active, make_schedule, select_subsets, selects_at
 from .data import Dataset, load_data
-from .evaluation import evaluate
 from .layers import set_bits
 from .models import build_model
 from .quantizers import FULL_PRECISION
@@ -211,10 +211,11 @@ class TrainState:
     coreset: dict | None = None  # subsets, their epoch, lightweight scores and cost counters
 
 
-def _checkpoint(run: Run, model, opt, state: TrainState, companion=None, companion_opt=None) -> None:
+def _checkpoint(run: Run, model, opt, state: TrainState, world: int = 1, companion=None,
+                companion_opt=None) -> None:
     ckpt = {"config_hash": run.config.hash(), "step": state.step, "elapsed": state.elapsed,
             "eval_time": state.eval_time, "passes": state.passes, "model": model.state_dict(),
-            "optimizer": opt.state_dict()}
+            "optimizer": opt.state_dict(), "world_size": world}
     if companion is not None:
         ckpt.update(companion=companion.state_dict(), companion_optimizer=companion_opt.state_dict())
     if state.coreset is not None:
@@ -222,7 +223,7 @@ def _checkpoint(run: Run, model, opt, state: TrainState, companion=None, compani
     save_torch(run.path / "checkpoint.pt", ckpt)
 
 
-def _resume(run: Run, model, opt, device, companion=None, companion_opt=None) -> TrainState:
+def _resume(run: Run, model, opt, device, world: int = 1, companion=None, companion_opt=None) -> TrainState:
     ckpt_path = run.path / "checkpoint.pt"
     if not ckpt_path.is_file():
         return TrainState()
@@ -233,6 +234,9 @@ def _resume(run: Run, model, opt, device, companion=None, companion_opt=None) ->
     if ckpt.get("config_hash") != run.config.hash():
         raise ConfigError(f"checkpoint {ckpt_path} belongs to config {ckpt.get('config_hash')}, "
                           f"not {run.config.hash()}; delete it to restart")
+    if ckpt.get("world_size", 1) != world:
+        raise ConfigError(f"checkpoint {ckpt_path} was written by {ckpt.get('world_size', 1)} process(es), this run "
+                          f"has {world}: resume with --nproc {ckpt.get('world_size', 1)} or delete it to restart")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if companion is not None:
@@ -290,17 +294,24 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     """
     if store.is_finished(cfg):
         return store.run(cfg)
-    dev = resolve_device(device)
-    data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
     t = cfg.train
+    world = distributed.from_env().world
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size {t.batch_size} does not split evenly over {world} processes")
+    if world > 1 and (is_active(cfg) or t.distill == "joint"):
+        raise ConfigError("coreset pruning and joint distillation train on one process only; leave out --nproc")
+    par, dev = distributed.setup(device)  # one process, or this one of torchrun's (emq.distributed)
+    data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
     plan, subset_size = make_schedule(cfg, data.train.y)  # a too small subset leaves no trace either
-    run = store.run(cfg)
+    run = store.run(cfg) if par.main else Run(store.path_of(cfg), cfg)  # only rank 0 writes
     steps_per_epoch, total, pruning = plan.full_steps, plan.total, is_active(cfg)
-    model = build_model(cfg, data, dev)
+    speed = speedups.resolve_speed(t, dev)
+    model = distributed.prepare_model(build_model(cfg, data, dev), par, dev)
+    step_model = speedups.prepare_model(model, speed)
     opt = _sgd(model, t)
     companion = make_companion(cfg, data, dev) if t.distill == "joint" else None
     companion_opt = _sgd(companion, t) if companion is not None else None
-    state = _resume(run, model, opt, dev, companion, companion_opt)
+    state = _resume(run, model, opt, dev, par.world, companion, companion_opt)
     if state.step == 0 and t.init_from:
         init_from_run(model, store, t.init_from, dev)
     if pruning and state.coreset is None:
@@ -314,8 +325,8 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
         record = _lightweight_recorder(light, cs)
     optimizers = [opt] if companion is None else [opt, companion_opt]
     last = total if stop_after is None else min(total, max(stop_after, state.step + 1))
-    bar = tqdm(total=total, initial=state.step, desc=f"train {run.hash}", disable=not progress, unit="step",
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, initial=state.step, desc=f"train {run.hash}", disable=not (progress and par.main),
+               unit="step", dynamic_ncols=True, leave=False)
     started = time.perf_counter() - state.elapsed
     model.train()
     with _stop_requests() as requested:
@@ -323,7 +334,7 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
             epoch, start = plan.locate(state.step)
             if not pruning:
                 steps = data.train.batches(t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed,
-                                           epoch=epoch, start=start, device=dev)
+                                           epoch=epoch, start=start, device=dev, shard=par.shard)
             elif epoch < cfg.coreset.warmup_epochs:  # all children share the full-data batch
                 steps = ({b: batch for b in t.bits} for batch in data.train.batches(
                     t.batch_size, shuffle=True, augment=cfg.data.augment, seed=t.seed, epoch=epoch, start=start,
@@ -341,18 +352,22 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                 bits = active_bits(t, state.step, total)
                 set_steepness(model, steepness(cfg.quant, state.step, total))
                 configure = step_configure(t, model, state.step, total)
-                if pruning:
-                    batch = {b: batch[b] for b in bits}
-                    losses, extra = bitwise_step(model, batch, t.distill, record, configure)
-                    for b, n in extra.items():
-                        cs["teacher_forward"][str(b)] += n
-                    sizes = {b: len(batch[b][1]) for b in bits}
-                else:
-                    x, y, _ = batch
-                    losses = multibit_step(model, x, y, bits, t.distill, configure, companion, t.kd_temperature)
-                    sizes = {b: len(y) for b in (*bits, *(["companion"] if companion is not None else []))}
+                with speedups.autocast(speed, dev):
+                    if pruning:
+                        batch = {b: batch[b] for b in bits}
+                        losses, extra = bitwise_step(step_model, batch, t.distill, record, configure)
+                        for b, n in extra.items():
+                            cs["teacher_forward"][str(b)] += n
+                        sizes = {b: len(batch[b][1]) for b in bits}
+                    else:
+                        x, y, _ = batch
+                        losses = multibit_step(step_model, speedups.prepare_input(x, speed), y, bits, t.distill,
+                                               configure, companion, t.kd_temperature)
+                        sizes = {b: len(y) * par.world for b in (*bits, *(["companion"] if companion else []))}
+                distributed.allreduce_grads(model, par)
                 for o in optimizers:
                     o.step()
+                requested["stop"] = distributed.any_true(requested["stop"], par, dev)
                 for key, n in sizes.items():
                     state.passes[str(key)] = state.passes.get(str(key), 0) + n
                 state.step += 1
@@ -362,18 +377,20 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                 epoch_end = plan.locate(state.step)[1] == 0
                 if epoch_end:
                     t_eval = time.perf_counter()
-                    accs = {str(b): evaluate(model, data.test, b, device=dev) for b in t.bits}
+                    accs = {str(b): distributed.evaluate_sharded(model, data.test, b, par, dev) for b in t.bits}
+                    losses = distributed.mean_over(losses, par, dev)
                     row = {"epoch": epoch + 1, "step": state.step, "lr": opt.param_groups[0]["lr"],
                            "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs,
                            "elapsed_s": round(state.elapsed, 3)}
                     if pruning:
                         row["subset_size"] = subset_size if epoch >= cfg.coreset.warmup_epochs else len(data.train)
-                    run.append_metrics(row)
+                    if par.main:
+                        run.append_metrics(row)
                     model.train()
                     state.eval_time += time.perf_counter() - t_eval
                 saving = state.step % t.checkpoint_every == 0 if t.checkpoint_every else epoch_end
-                if saving or state.step == last or requested["stop"]:
-                    _checkpoint(run, model, opt, state, companion, companion_opt)
+                if par.main and (saving or state.step == last or requested["stop"]):
+                    _checkpoint(run, model, opt, state, par.world, companion, companion_opt)
                 if requested["stop"]:
                     bar.close()
                     raise TrainingInterrupted(f"training of run {run.hash} stopped at step {state.step}/{total}; "
@@ -381,19 +398,21 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                 if state.step == last or epoch_end:
                     break
     bar.close()
-    if state.step < total:  # stopped by stop_after
+    if state.step < total or not par.main:  # stopped by stop_after, or not the writing process
+        distributed.barrier(par)
         return run
     save_torch(run.path / "model.pt", model.state_dict())
     if cs is not None:  # the last subset of every bit-width, for analyses of what was kept
         save_torch(run.path / "subsets.pt", cs["subsets"])
     final = run.metrics()[-1]["test_acc"]
-    write_json(run.path / "env.json", env_info(str(dev)))
+    write_json(run.path / "env.json", {**env_info(str(dev)), "processes": par.world, "speed": speed.as_dict()})
     write_json(run.path / "summary.json", {
         "acc": final, "wall_time_s": round(state.elapsed, 3), "eval_time_s": round(state.eval_time, 3),
         "steps": total, "train_size": len(data.train), "test_size": len(data.test),
         **_cost(plan, cs, subset_size, state.passes),
     })
     (run.path / "checkpoint.pt").unlink(missing_ok=True)
+    distributed.barrier(par)
     return run
 
 

@@ -26,7 +26,9 @@ from emq.config import (
 OTHER_CHOICE = {"quant.norm": "shared", "quant.correction": "mean", "quant.fp_act": "clamp",
                 "train.distill": "hard", "train.bits": (2, 3), "quant.weight_quantizer": "lsq",
                 "quant.act_quantizer": "qil", "train.progressive": "bits",
-                "coreset.score": "loss", "coreset.mode": "lightweight"}
+                "coreset.score": "loss", "coreset.mode": "lightweight",
+                "model.arch": "vit_tiny", "train.amp": "bf16", "train.channels_last": "on", "train.compile": "off",
+                "data.name": "imagenet"}
 
 
 def get(cfg: RunConfig, key: str):

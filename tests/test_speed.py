@@ -1,0 +1,104 @@
+"""Speed options (bf16 autocast, channels-last, torch.compile): off on the CPU by default, so
+stored runs keep their numbers and hashes; each option exercised here on the CPU (compile with
+the aot_eager backend, which traces the same graphs as inductor without generating code)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import emq.speed
+from emq.config import TrainConfig, from_dict, load_config
+from emq.data import load_data
+from emq.models import build_model
+from emq.results import ResultsStore
+from emq.speed import Speed, autocast, prepare_input, prepare_model, resolve_speed
+from emq.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = ROOT / "data"
+TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "model.depth": 8,
+        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 1}
+needs_data = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
+                                reason="Fashion-MNIST not under data/ (python -m emq data fetch)")
+
+
+@pytest.mark.parametrize("folder", sorted((ROOT / "results" / "runs").glob("*/config.json")), ids=lambda p: p.parent.name)
+def test_every_stored_run_still_hashes_to_its_folder(folder):
+    assert from_dict(json.loads(folder.read_text())).hash() == folder.parent.name
+
+
+def test_auto_is_on_for_cuda_and_off_on_the_cpu():
+    assert resolve_speed(TrainConfig(), "cpu") == Speed(False, False, False)
+    assert resolve_speed(TrainConfig(), "cuda") == Speed(True, True, True)
+    assert resolve_speed(TrainConfig(amp="bf16", channels_last="on", compile="off"), "cpu") == Speed(True, True, False)
+    assert resolve_speed(TrainConfig(amp="off", channels_last="off", compile="off"), "cuda") == Speed()
+
+
+@needs_data
+def test_bf16_autocast_runs_the_forward_in_bf16_and_trains(tmp_path):
+    cfg = load_config(profile="smoke", overrides={**TINY, "train.amp": "bf16"})
+    data = load_data(cfg.data)
+    model = build_model(cfg, data).train()
+    x, _, _ = next(data.train.batches(8))
+    with autocast(Speed(amp=True), "cpu"):
+        assert model(x).dtype == torch.bfloat16
+    bf16 = train(cfg, ResultsStore(tmp_path), device="cpu", progress=False, data=data)
+    fp32 = train(cfg.with_overrides({"train.amp": "off"}), ResultsStore(tmp_path), device="cpu", progress=False,
+                 data=data)
+    assert bf16.env["speed"]["amp"] is True and fp32.env["speed"]["amp"] is False
+    assert all(torch.isfinite(torch.tensor(v)) for v in bf16.metrics()[-1]["loss"].values())
+    w16, w32 = (torch.load(r.path / "model.pt", weights_only=True)["stem.weight"] for r in (bf16, fp32))
+    assert not torch.equal(w16, w32) and torch.allclose(w16, w32, atol=0.05)  # an effect, and a small one
+
+
+@needs_data
+def test_channels_last_computes_the_same_function():
+    cfg = load_config(profile="smoke", overrides=TINY)
+    data = load_data(cfg.data)
+    model = build_model(cfg, data).eval()
+    x, _, _ = next(data.train.batches(8))
+    ref = model(x)
+    fast = prepare_model(model, Speed(channels_last=True))
+    assert fast.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(fast(prepare_input(x, Speed(channels_last=True))), ref, atol=1e-5)
+
+
+@needs_data
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    monkeypatch.setattr(emq.speed, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    cfg = load_config(profile="smoke", overrides={**TINY, "train.compile": "on"})
+    data = load_data(cfg.data)
+    compiled = train(cfg, ResultsStore(tmp_path), device="cpu", progress=False, data=data)
+    eager = train(cfg.with_overrides({"train.compile": "off"}), ResultsStore(tmp_path), device="cpu", progress=False,
+                  data=data)
+    assert compiled.env["speed"]["compile"] is True
+    wc, we = (torch.load(r.path / "model.pt", weights_only=True) for r in (compiled, eager))
+    assert wc.keys() == we.keys()  # the saved state is the model's, not the compiled wrapper's
+    for k in wc:
+        assert torch.allclose(wc[k].float(), we[k].float(), atol=1e-4), k
+
+
+def test_throughput_rows_hold_the_figures_of_the_issue(monkeypatch, capsys):
+    import emq.bench
+
+    monkeypatch.setitem(emq.bench.THROUGHPUT_MODELS, "tiny", {"resnet20": ("resnet", 8, 4, 10)})
+    rows = emq.bench.throughput("tiny", "cpu", repeats=1, compile_=False, bits=(2, 32))
+    assert [(r["model"], r["bf16"]) for r in rows] == [("resnet20", False), ("resnet20", True)]
+    for r in rows:
+        assert r["multi_s"] > 0 and r["fp_s"] > 0
+        assert r["overhead"] == pytest.approx(r["multi_s"] / (2 * r["fp_s"]))
+        assert r["epoch_s"] == pytest.approx(50_000 / 4 * r["multi_s"])
+    emq.bench.print_throughput(rows, "cpu", bits=(2, 32))
+    assert "overhead = multi / (2 x fp)" in capsys.readouterr().out
+
+
+def test_bench_is_a_subcommand_of_the_cli(capsys):
+    from emq.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0 and "--throughput" in capsys.readouterr().out
