@@ -88,7 +88,7 @@ def training_cost(runs: list[Run]) -> dict[str, float]:
     """What a method's runs cost together: training time (wall time less the per-epoch test
     evaluations) and sample-passes (:func:`emq.coresets.total_passes`: forward, backward,
     teacher and scoring passes of one sample at one bit-width, or through a companion)."""
-    return {"wall_time_s": sum(training_time(r.summary) for r in runs),
+    return {"train_time_s": sum(training_time(r.summary) for r in runs),
             "sample_passes": sum(total_passes(r.summary) for r in runs)}
 
 

@@ -63,7 +63,7 @@ def _replacement(mod: nn.Module, q: QuantConfig, bits: tuple[int, ...]) -> nn.Mo
         return make_act(q, bits)
     else:
         return None
-    new.configure(q.correction, q.detach_stats, q.scale_by_mean, make_weight_quantizer(q.weight_quantizer, bits))
+    new.configure(q.correction, q.detach_stats, q.scale_by_mean, make_weight_quantizer(q, bits))
     return new
 
 
