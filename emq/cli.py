@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--results", default="results", help="results store folder (default: results)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint; refuse to start one afresh")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (GPUs, or CPU cores with gloo), via torchrun")
     t.add_argument("--print-torchrun", action="store_true", help="print the torchrun command of --nproc and exit")
@@ -82,7 +84,15 @@ def _train_args(args) -> list[str]:
     if args.profile:
         out += ["--profile", args.profile]
     out += ["--results", args.results, "--device", args.device]
-    return out + (["--no-progress"] if args.no_progress else [])
+    return out + (["--no-progress"] if args.no_progress else []) + (["--resume"] if args.resume else [])
+
+
+def _check_resumable(stages, store: ResultsStore) -> None:
+    """For ``--resume``: the first unfinished run must have a checkpoint to continue from."""
+    pending = [cfg for cfg in stages if not store.is_finished(cfg)]
+    if pending and not (store.path_of(pending[0]) / "checkpoint.pt").is_file():
+        raise ConfigError(f"--resume: run {pending[0].hash()} has no checkpoint in {store.root}; "
+                          f"leave out --resume to start it")
 
 
 def _launch(args) -> int:
@@ -121,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 stages = [cfg.with_overrides(args.overrides)]
             resolve_device(args.device)
+            if args.resume:
+                _check_resumable(stages, ResultsStore(args.results))
             if args.nproc != 1 or args.print_torchrun:
                 return _launch(args)
             for cfg in stages:

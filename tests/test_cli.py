@@ -100,6 +100,8 @@ BAD_INPUT = {
                                                                         "any_precision", "double_rounding"]),
     "bit-width the method cannot do": (["train", *TINY, "--method", "shift", "--set", "train.bits=1,4,32"],
                                        ["'shift' cannot do 1-bit"]),
+    "resume without a checkpoint": (["train", *TINY, "--set", "train.seed=7", "--resume"],
+                                    ["--resume: run", "has no checkpoint"]),
     "pruning ratio outside [0, 1)": (["train", *TINY, "--set", "coreset.prune=1.0"], ["'coreset.prune'", "[0, 1)"]),
     "coreset smaller than one batch": (["train", *TINY, "--set", "coreset.prune=0.6", "--set", "coreset.warmup_epochs=0"],
                                        ["keeps 51 of 128 training images, fewer than one batch of 64"]),
@@ -179,7 +181,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted
     assert not (run_dir / "summary.json").exists()
     step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
     assert 8 <= step < 160
-    resumed = emq("train", *args, "--results", store, cwd=workdir)
+    resumed = emq("train", *args, "--results", store, "--resume", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "a" / "runs" / run_dir.name / "model.pt", weights_only=True)
     b = torch.load(run_dir / "model.pt", weights_only=True)
