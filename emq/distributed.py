@@ -8,13 +8,13 @@ optimizer step as one process would on the whole batch.
 
 - Process group: from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``MASTER_ADDR/PORT``); NCCL on GPUs (process ``r`` on ``cuda:LOCAL_RANK``), gloo on the CPU.
-- Gradients: one coalesced all-reduce per optimizer step (:func:`allreduce_grads`), after the
-  multi-bit step's forward and backward passes (one per bit-width) have accumulated them, so
-  :func:`emq.training.multibit_step` stays a plain function of the model. The
-  ``DistributedDataParallel`` module gives the same averaged gradients when wrapped with
-  ``find_unused_parameters=True`` and ``no_sync()`` on all but the last bit-width (checked
-  once on 2 gloo processes, switchable BN included) and would overlap communication with the
-  last backward pass; it is the obvious next step if the all-reduce shows up in GPU profiles.
+- Gradients: PyTorch's ``DistributedDataParallel`` (:func:`wrap`). A multi-bit step runs one
+  forward and one backward pass per bit-width; each backward pass all-reduces that bit-width's
+  gradients, so the accumulated gradient is the average over the processes of the whole
+  step's, and :func:`emq.training.multibit_step` stays a plain function of the (wrapped) model.
+  ``find_unused_parameters`` because a pass leaves the switchable BNs of the other bit-widths
+  unused. (One all-reduce per bit-width; ``no_sync()`` on all but the last would make it one
+  per step, at the price of a step function that knows about DDP.)
 - BatchNorm: statistics over the global batch, not per process (:func:`sync_norms`):
   torch's ``SyncBatchNorm`` on GPUs; on the CPU, where torch's SyncBatchNorm refuses CPU tensors,
   :class:`GlobalBatchNorm2d`, which all-reduces the per-channel sums (autograd-aware). So a
@@ -174,30 +174,21 @@ def sync_norms(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def prepare_model(model: nn.Module, par: Parallel, device: torch.device) -> nn.Module:
-    """For several processes: global-batch norms, and rank 0's parameters and buffers everywhere."""
+    """For several processes: BatchNorm over the global batch (the model's own modules)."""
     if par.world == 1:
         return model
-    model = sync_norms(model, device)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, src=0)
-    return model
+    return sync_norms(model, device)
 
 
-def allreduce_grads(model: nn.Module, par: Parallel) -> None:
-    """Average the accumulated gradients over the processes, in one coalesced all-reduce."""
+def wrap(model: nn.Module, par: Parallel, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` for several processes (which also broadcasts rank 0's
+    parameters and buffers to every process), ``model`` itself for one. BatchNorm statistics
+    are global already (:func:`prepare_model`), so buffers are not broadcast at every step."""
     if par.world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= par.world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        return model
+    ids = [device.index if device.index is not None else par.local_rank] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True,
+                                               broadcast_buffers=False)
 
 
 def any_true(flag: bool, par: Parallel, device: torch.device) -> bool:

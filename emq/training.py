@@ -307,7 +307,7 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     steps_per_epoch, total, pruning = plan.full_steps, plan.total, is_active(cfg)
     speed = speedups.resolve_speed(t, dev)
     model = distributed.prepare_model(build_model(cfg, data, dev), par, dev)
-    step_model = speedups.prepare_model(model, speed)
+    step_model = speedups.prepare_model(distributed.wrap(model, par, dev), speed)  # the forward passes
     opt = _sgd(model, t)
     companion = make_companion(cfg, data, dev) if t.distill == "joint" else None
     companion_opt = _sgd(companion, t) if companion is not None else None
@@ -364,7 +364,6 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                         losses = multibit_step(step_model, speedups.prepare_input(x, speed), y, bits, t.distill,
                                                configure, companion, t.kd_temperature)
                         sizes = {b: len(y) * par.world for b in (*bits, *(["companion"] if companion else []))}
-                distributed.allreduce_grads(model, par)
                 for o in optimizers:
                     o.step()
                 requested["stop"] = distributed.any_true(requested["stop"], par, dev)

@@ -26,7 +26,7 @@ from torch import nn
 from emq.cli import main
 from emq.config import ConfigError, load_config
 from emq.data import load_data
-from emq.distributed import GlobalBatchNorm2d, Parallel, allreduce_grads, prepare_model
+from emq.distributed import GlobalBatchNorm2d, Parallel, prepare_model, wrap
 from emq.models import build_model
 from emq.results import ResultsStore
 from emq.training import multibit_step, train
@@ -52,7 +52,9 @@ def _bn_worker(rank: int, tmp: Path) -> None:
     bn = GlobalBatchNorm2d(3).double().train()
     part = x[rank * 4:(rank + 1) * 4].clone().requires_grad_()
     (bn(part) * w[rank * 4:(rank + 1) * 4]).sum().backward()
-    allreduce_grads(bn, Parallel(rank, 2))
+    for p in bn.parameters():  # averaged over the processes, as DistributedDataParallel does
+        dist.all_reduce(p.grad)
+        p.grad /= 2
     stats = {"mean": bn.running_mean.clone(), "var": bn.running_var.clone()}
     torch.save({"out": bn(part).detach(), "dx": part.grad, "dw": bn.weight.grad * 2, "db": bn.bias.grad * 2,
                 **stats}, tmp / f"bn_out{rank}.pt")
@@ -83,8 +85,7 @@ def _step_worker(rank: int, tmp: Path, bits: tuple[int, ...]) -> None:
     data = load_data(cfg.data)
     model = prepare_model(build_model(cfg, data), Parallel(rank, 2), torch.device("cpu")).train()
     x, y, _ = next(data.train.batches(64, shuffle=True, seed=0, shard=(rank, 2)))
-    multibit_step(model, x, y, bits)
-    allreduce_grads(model, Parallel(rank, 2))
+    multibit_step(wrap(model, Parallel(rank, 2), torch.device("cpu")), x, y, bits)
     torch.save({n: p.grad for n, p in model.named_parameters()}, tmp / f"grads{rank}.pt")
     dist.destroy_process_group()
 
