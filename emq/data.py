@@ -349,6 +349,26 @@ def load_tinyimagenet(root: str | Path) -> Dataset:
     return tensor_dataset(name, tr, te, _tiny_names(name, base, train.classes), pad=8)
 
 
+def index_imagenet(root: str | Path):
+    """torchvision's ImageNet train and val splits of ``root`` (meta.bin, train/ and val/ wnid
+    folders), indexed but not read; a one-line DataError for anything missing or inconsistent."""
+    from torchvision.datasets import ImageNet
+
+    name, base = "imagenet", Path(root)
+    for rel, what in (("meta.bin", "torchvision's meta.bin parsed from the devkit"),
+                      ("train", "the train/<wnid>/*.JPEG folders"), ("val", "the val/<wnid>/*.JPEG folders")):
+        _require(name, base / rel, root, what)
+    try:
+        tr = ImageNet(str(root), split="train")
+        te = ImageNet(str(root), split="val")
+    except Exception as e:
+        raise DataError(f"{name}: cannot index {base} ({_brief(e)}): check meta.bin and the wnid folders") from None
+    if te.wnids != tr.wnids:
+        raise DataError(f"{name}: the class folders of {base / 'val'} ({len(te.wnids)}) differ from those of "
+                        f"{base / 'train'} ({len(tr.wnids)})")
+    return tr, te
+
+
 def load_imagenet(root: str | Path, image_size: int = IMAGENET_TENSOR_SIZE) -> Dataset:
     """ImageNet (ILSVRC-2012) via torchvision.datasets.ImageNet, decoded to uint8 tensors.
 
@@ -359,26 +379,16 @@ def load_imagenet(root: str | Path, image_size: int = IMAGENET_TENSOR_SIZE) -> D
     streamed from disk instead with ``data.image_size`` > 0 (:mod:`emq.imagefolder`). Class names are the
     first name of each wnid's names in meta.bin.
     """
-    from torchvision.datasets import ImageNet
     from torchvision.datasets.imagenet import load_meta_file
 
     name, base = "imagenet", Path(root)
-    for rel, what in (("meta.bin", "torchvision's meta.bin parsed from the devkit"),
-                      ("train", "the train/<wnid>/*.JPEG folders"), ("val", "the val/<wnid>/*.JPEG folders")):
-        _require(name, base / rel, root, what)
+    _require(name, base / "meta.bin", root, "torchvision's meta.bin parsed from the devkit")
     try:
         load_meta_file(str(root))
     except Exception as e:
         raise DataError(f"{name}: {base / 'meta.bin'} is corrupt ({type(e).__name__}): delete it and let "
                         f"torchvision.datasets.ImageNet rebuild it from the devkit archive") from None
-    try:
-        tr = ImageNet(str(root), split="train")
-        te = ImageNet(str(root), split="val")
-    except Exception as e:
-        raise DataError(f"{name}: cannot index {base} ({_brief(e)}): check meta.bin and the wnid folders") from None
-    if te.wnids != tr.wnids:
-        raise DataError(f"{name}: the class folders of {base / 'val'} ({len(te.wnids)}) differ from those of "
-                        f"{base / 'train'} ({len(tr.wnids)})")
+    tr, te = index_imagenet(root)
     x_tr = _decode(name, tr.samples, tr.loader, image_size, base / "train")
     x_te = _decode(name, te.samples, te.loader, image_size, base / "val")
     return tensor_dataset(name, x_tr, x_te, [c[0] for c in tr.classes], pad=max(1, image_size // 8))

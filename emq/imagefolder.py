@@ -134,26 +134,13 @@ class ImageFolderSplit:
 
 def load_imagenet_stream(root: str | Path, image_size: int, workers: int = 0):
     """ImageNet from ``root`` (meta.bin, train/ and val/ wnid folders) streamed at ``image_size``."""
-    from torchvision.datasets import ImageNet
+    from .data import Dataset, index_imagenet
 
-    from .data import DataError, Dataset, _brief, _require
-
-    name, base = "imagenet", Path(root)
-    for rel, what in (("meta.bin", "torchvision's meta.bin parsed from the devkit"),
-                      ("train", "the train/<wnid>/*.JPEG folders"), ("val", "the val/<wnid>/*.JPEG folders")):
-        _require(name, base / rel, root, what)
-    try:
-        tr = ImageNet(str(root), split="train")
-        te = ImageNet(str(root), split="val")
-    except Exception as e:
-        raise DataError(f"{name}: cannot index {base} ({_brief(e)}): check meta.bin and the wnid folders") from None
-    if te.wnids != tr.wnids:
-        raise DataError(f"{name}: the class folders of {base / 'val'} ({len(te.wnids)}) differ from those of "
-                        f"{base / 'train'} ({len(tr.wnids)})")
+    tr, te = index_imagenet(root)
     train = ImageFolderSplit(tr.samples, tr.loader, image_size, workers)
     test = ImageFolderSplit(te.samples, te.loader, image_size, workers)
     classes = [c[0] for c in tr.classes]
-    return Dataset(name, train, test, len(classes), classes)
+    return Dataset("imagenet", train, test, len(classes), classes)
 
 
 def make_imagenet_folder(out: str | Path, fashion_root: str | Path, per_class_train: int = 100,
