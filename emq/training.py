@@ -350,7 +350,8 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                         group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch)
                     o.zero_grad(set_to_none=True)
                 bits = active_bits(t, state.step, total)
-                set_steepness(model, steepness(cfg.quant, state.step, total))
+                if cfg.quant.weight_quantizer == "shift":  # the only scheme with a steepness
+                    set_steepness(model, steepness(cfg.quant, state.step, total))
                 configure = step_configure(t, model, state.step, total)
                 with speedups.autocast(speed, dev):
                     if pruning:
