@@ -13,7 +13,7 @@ from .config import DataConfig, RunConfig, load_config
 from .coresets import total_passes, training_time
 from .data import Dataset, load_data
 from .methods import method_configs
-from .results import ResultsStore, Run, write_chapter_numbers
+from .results import ResultsStore, Run, write_chapter_numbers, write_json
 from .training import train
 
 # Seeds and evaluation sizes of each profile; the model and data sizes are in config.PROFILES.
@@ -45,6 +45,7 @@ class Chapter:
         self.seeds = SEEDS[profile]
         self.recalibration_batches = RECALIBRATION_BATCHES[profile]
         self.numbers: dict[str, float] = {}
+        self.asked: dict[str, dict] = {}  # hash -> non-default config of every run the chapter read
         self._data: dict[DataConfig, Dataset] = {}
 
     def data(self, cfg: RunConfig | None = None) -> Dataset:
@@ -59,10 +60,15 @@ class Chapter:
         if self.store.is_finished(cfg):
             run = self.store.run(cfg)
             print(f"run {run.hash}: read from the store")
-            return run
+            return self.keep(run)
         t0 = time.perf_counter()
         run = train(cfg, self.store, device=self.device, progress=False, data=self.data(cfg))
         print(f"run {run.hash}: trained in {time.perf_counter() - t0:.0f} s")
+        return self.keep(run)
+
+    def keep(self, run: Run) -> Run:
+        """Note that the chapter read ``run`` (listed in ``results/chapters/<chapter>.runs.json``)."""
+        self.asked[run.hash] = run.config.portable().non_default()
         return run
 
     def run_method(self, name: str, base: RunConfig | None = None, **overrides) -> list[Run]:
@@ -80,8 +86,13 @@ class Chapter:
         self.record(name, value)
         glue(name, float(value), display=False)
 
-    def save_numbers(self) -> Path:
-        return write_chapter_numbers(self.store.root, self.name, self.numbers)
+    def save_numbers(self) -> None:
+        """Write the chapter's JSON and say where, relative to the repository (no machine path)."""
+        path = write_chapter_numbers(self.store.root, self.name, self.numbers)
+        write_json(path.with_suffix(".runs.json"), self.asked)
+        root = repo_root()
+        shown = path.relative_to(root) if path.is_relative_to(root) else Path(path.parent.name, path.name)
+        print(f"wrote {len(self.numbers)} numbers to {shown}")
 
 
 def training_cost(runs: list[Run]) -> dict[str, float]:

@@ -19,7 +19,7 @@ from .data_check import missing_pieces
 from .evaluation import evaluate_run
 from .methods import METHODS, method_configs
 from .quantizers import check_bits
-from .results import ResultsStore
+from .results import ResultsStore, Run
 from .training import TrainingInterrupted, resolve_device, train
 
 
@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                    help="re-estimate BatchNorm statistics on N training batches first (0: zero-shot)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--data-root", default="data",
+                   help="the folder holding the run's dataset (default: data; a run does not store where it was)")
 
     sub.add_parser("methods", help="list the registered methods")
 
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             bits = _bits_list(args.bits)
             resolve_device(args.device)
             run = ResultsStore().open(args.run_dir)
+            run = Run(run.path, run.config.with_overrides({"data.root": args.data_root}))
             if args.recalibrate_bn < 0:
                 raise ConfigError(f"--recalibrate-bn must be 0 or positive, got {args.recalibrate_bn}")
             accs = evaluate_run(run, bits, args.recalibrate_bn, device=args.device)

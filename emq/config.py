@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,31 @@ class ConfigError(ValueError):
     """A bad config key, value or file; the message is one line naming the problem."""
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true and false (also True, TRUE, False,
+    FALSE). YAML 1.1 also reads on/off/yes/no as booleans, which would turn the documented values
+    of str keys (``train.amp=off``, ``train.channels_last=on``) into False and True; here they stay
+    the words written. Every YAML emq reads (config files, ``--set`` values) goes through it."""
+
+
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _YAML_BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_YAML_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str):
+    """YAML text as Python values, with YAML 1.2's booleans (:class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | tinyimagenet | imagenet
-    root: str = "data"  # folder holding the dataset (relative to the working directory)
+    # folder holding the dataset (relative to the working directory). Where the data lives does not
+    # determine a result: the run hash and the stored config.json leave it out (RunConfig.portable)
+    root: str = "data"
     train_size: int = 0  # 0 = the whole training split; else a fixed random subset of this size
     test_size: int = 0  # 0 = the whole test split
     subset_seed: int = 0  # seed of the fixed subsets, shared by all runs so they see the same data
@@ -39,6 +61,11 @@ class ModelConfig:
     depth: int = 20  # 20 = ResNet-20 (CIFAR ResNet only)
     width: float = 1.0  # multiplier on the stage widths 16, 32, 64 (CIFAR ResNet only)
     preact: bool = False  # pre-activation blocks (BN -> act -> conv) (CIFAR ResNet only)
+    # emq: the blocks of emq.models.Block | any_precision: Any-Precision's pre-activation ResNet as published
+    # (SHI-Labs/Any-Precision-DNNs): shortcut from the pre-activated input through a full-precision 1x1 conv and
+    # one plain BN, no activation after the last BN, PyTorch's default init; needs preact (CIFAR ResNet only).
+    # Upstream's first conv and classifier are full precision: quant.quantize_first_last false, the default
+    block: str = "emq"
 
 
 @dataclass(frozen=True)
@@ -61,9 +88,13 @@ class TrainConfig:
     bits: tuple[int, ...] = (2, 4, 8, 32)  # trained bit-widths; 32 = full precision
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 0.1  # peak learning rate of SGD, cosine-annealed to zero per step
-    warmup_epochs: float = 0.0  # linear warm-up before the cosine
-    momentum: float = 0.9
+    optimizer: str = "sgd"  # sgd (Nesterov, with momentum) | adam (PyTorch's defaults, L2 weight decay)
+    lr: float = 0.1  # peak learning rate, after the warm-up
+    schedule: str = "cosine"  # cosine: annealed to zero per step | step: lr x gamma at each of the milestones
+    milestones: tuple[float, ...] = (0.5, 0.75, 0.9)  # step schedule: fractions of train.epochs (epoch boundaries)
+    gamma: float = 0.1  # step schedule: the factor at every milestone
+    warmup_epochs: float = 0.0  # linear warm-up before the schedule
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     distill: str = "recursive"  # recursive | hard (all CE) | soft (full precision teaches all) | joint
     kd_temperature: float = 4.0  # joint: temperature T of the KL terms with the full-precision companion
@@ -113,13 +144,19 @@ class RunConfig:
                 out[section] = changed
         return out
 
+    def portable(self) -> "RunConfig":
+        """This config with the location of the data reset to its default: what a run folder
+        stores, so that a clone of the store at any path reads the same runs."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, root=DataConfig.root))
+
     def hash(self) -> str:
         """12 hex digits of the SHA-256 of the canonical JSON of the non-default fields.
 
         Only fields that differ from their defaults enter the hash, so adding a config field
-        whose default keeps the old behaviour leaves every stored run's hash valid.
+        whose default keeps the old behaviour leaves every stored run's hash valid; and the data
+        root is left out (:meth:`portable`), since where the data lives does not change a result.
         """
-        blob = json.dumps(self.non_default(), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.portable().non_default(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def with_overrides(self, overrides: dict | list[str] | None) -> "RunConfig":
@@ -156,7 +193,7 @@ def parse_overrides(overrides) -> dict:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        parsed[key.strip()] = load_yaml(raw) if raw.strip() else ""
     return parsed
 
 
@@ -165,7 +202,7 @@ def _coerce(key: str, value, typ):
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
-            value = [yaml.safe_load(v) for v in value]
+            value = [load_yaml(v) for v in value]
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -183,7 +220,9 @@ def _coerce(key: str, value, typ):
     elif typ is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"config key {key!r} needs a {typ.__name__}, got {value!r}")
+    article = "an" if typ.__name__[0] in "aeiou" else "a"
+    hint = " (write true or false)" if typ is bool and isinstance(value, str) else ""
+    raise ConfigError(f"config key {key!r} needs {article} {typ.__name__}{hint}, got {value!r}")
 
 
 def _build(cls, d: dict, prefix: str):
@@ -227,6 +266,9 @@ def validate(cfg: RunConfig) -> None:
         "train.distill": (cfg.train.distill, ("recursive", "hard", "soft", "joint")),
         "train.progressive": (cfg.train.progressive, ("none", "weights_first", "bits")),
         "model.arch": (cfg.model.arch, ("resnet", "resnet18", "resnet50", "vit_tiny")),
+        "model.block": (cfg.model.block, ("emq", "any_precision")),
+        "train.optimizer": (cfg.train.optimizer, ("sgd", "adam")),
+        "train.schedule": (cfg.train.schedule, ("cosine", "step")),
         "train.amp": (cfg.train.amp, ("auto", "off", "bf16")),
         "train.channels_last": (cfg.train.channels_last, ("auto", "off", "on")),
         "train.compile": (cfg.train.compile, ("auto", "off", "on")),
@@ -253,9 +295,13 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < cfg.quant.steepness_start <= cfg.quant.steepness_end:
         raise ConfigError("config keys 'quant.steepness_start' and 'quant.steepness_end' need "
                           f"0 < start <= end, got {cfg.quant.steepness_start} and {cfg.quant.steepness_end}")
+    if not all(0.0 < m < 1.0 for m in cfg.train.milestones):
+        raise ConfigError(f"config key 'train.milestones' needs fractions of train.epochs in (0, 1), "
+                          f"got {cfg.train.milestones}")
+    validate_block(cfg)
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "model.depth": cfg.model.depth, "model.width": cfg.model.width,
-                "train.kd_temperature": cfg.train.kd_temperature}
+                "train.kd_temperature": cfg.train.kd_temperature, "train.gamma": cfg.train.gamma}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")
@@ -264,6 +310,12 @@ def validate(cfg: RunConfig) -> None:
         if value < 0:
             raise ConfigError(f"config key {key!r} must be 0 (all) or positive, got {value}")
     validate_coreset(cfg)
+
+
+def validate_block(cfg: RunConfig) -> None:
+    """model.block 'any_precision' is upstream's pre-activation network: it needs model.preact."""
+    if cfg.model.block == "any_precision" and not cfg.model.preact:
+        raise ConfigError("model.block 'any_precision' is a pre-activation block: set model.preact=true")
 
 
 def validate_coreset(cfg: RunConfig) -> None:
@@ -306,7 +358,13 @@ def load_config(path: str | Path | None = None, overrides=None, profile: str | N
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror or type(e).__name__})") from None
+        try:
+            d = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     cfg = from_dict(d)

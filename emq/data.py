@@ -160,12 +160,19 @@ def fetch_fashion_mnist(root: str | Path, log: Callable[[str], None] = print) ->
     if all((raw / f).is_file() for f in FASHION_FILES):
         log(f"Fashion-MNIST already in {raw}")
         return raw
+    # a file where a folder must go (the root or one below it): say so before anything is written
+    for folder in (raw, *raw.parents):
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"cannot put Fashion-MNIST into {raw}: {folder} is a file, not a folder")
     if not DEBIAN_DIR.is_dir() and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
         log("installing Debian's dataset-fashion-mnist with apt-get")
         cmd = "apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)"
         subprocess.run(["bash", "-c", cmd], check=False, stdout=subprocess.DEVNULL)
     if DEBIAN_DIR.is_dir():
-        raw.mkdir(parents=True, exist_ok=True)
+        try:
+            raw.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create {raw} ({e.strerror or type(e).__name__})") from None
         for f in FASHION_FILES:
             with gzip.open(DEBIAN_DIR / f"{f}.gz", "rb") as src, open(raw / f"{f}.part", "wb") as dst:
                 shutil.copyfileobj(src, dst)

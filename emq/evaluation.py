@@ -67,6 +67,7 @@ def evaluate_run(run, bits: list[int], recalibrate: int = 0, data=None, device: 
     cached = run.evals()
     todo = [b for b in bits if f"{b}/recal{recalibrate}" not in cached]
     if todo:
+        run.check_finished()  # before loading any data
         data = data or load_data(run.config.data)
         model = model or load_trained(run, data, device)
         for b, acc in evaluate_bits(model, data.train, data.test, todo, recalibrate, device).items():

@@ -30,6 +30,17 @@ METHODS: dict[str, Method] = {
     # Any-Precision baseline (METHOD.md §1): one BatchNorm per trained bit-width.
     "any_precision": Method(_ANY_PRECISION, about="Any-Precision: switchable BN, recursive distillation"),
     "switchable": Method(_ANY_PRECISION, about="the same as any_precision (the name chapter 02 uses)"),
+    # Any-Precision as published (SHI-Labs/Any-Precision-DNNs, train_cifar10.sh): its pre-activation network,
+    # weights scaled by E = mean|W|, ReLU at 32 bits, recursive distillation (soft cross-entropy from the
+    # next-higher bit-width), Adam at 1e-3 without weight decay, lr x0.1 at epochs 100/150/180 of 200 (here
+    # fractions of train.epochs, so the schedule scales with the profile), bits 1/2/4/8/32. Depth and width come
+    # from the profile: upstream's ResNet-20 x5 is model.depth=20, model.width=5.
+    "any_precision_published": Method(
+        {**_ANY_PRECISION, "model.preact": True, "model.block": "any_precision", "quant.scale_by_mean": True,
+         "train.distill": "recursive", "train.optimizer": "adam", "train.lr": 1e-3, "train.weight_decay": 0.0,
+         "train.schedule": "step", "train.milestones": [0.5, 0.75, 0.9], "train.gamma": 0.1,
+         "train.bits": [1, 2, 4, 8, 32]},
+        about="Any-Precision as published: its network, E scaling, Adam, step decay, bits 1/2/4/8/32"),
     # One BatchNorm shared by all bit-widths, no correction (claim 1 of §2). The shared-BN
     # methods clamp to [0, 1] at 32 bits too, so the one BN sees one activation range.
     "shared": Method({**_SHARED, "quant.correction": "none"}, about="shared BN, no correction"),

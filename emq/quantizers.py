@@ -66,12 +66,20 @@ def channel_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+# std(q[c]) at or below this many float epsilons of max|q[c]| (7.6e-6 of it in float32) is rounding
+# noise: the channel is flat. A genuine spread is far above it: n weights of which one sits a level
+# step d away from the others have std = d * sqrt(n - 1) / n; at 8 bits (d = 2/255 of a grid over
+# [-max, max]) and n = 4608 (a 3x3 conv with 512 inputs) that is 1.2e-4 of max|q[c]|.
+FLAT_SPREAD = 64
+
+
 def correct_weight_bias(q: torch.Tensor, ref: torch.Tensor, mode: str, detach_stats: bool = True) -> torch.Tensor:
     """Weight bias correction of METHOD.md §2, per output channel c.
 
     mean:    ``q[c] - mean(q[c]) + mean(ref[c])``
     meanvar: ``(q[c] - mean(q[c])) * std(ref[c]) / std(q[c]) + mean(ref[c])`` (mean alone where
-    ``std(q[c])`` is zero: all of the channel's weights on one level)
+    ``std(q[c])`` is zero: all of the channel's weights on one level; zero means at most
+    :data:`FLAT_SPREAD` float epsilons of ``max|q[c]|``, rounding noise, at any weight scale)
     ``ref`` is the full-precision effective weight ``Q_32(W)``. With ``detach_stats`` the four
     statistics are constants for the backward pass.
     """
@@ -87,6 +95,8 @@ def correct_weight_bias(q: torch.Tensor, ref: torch.Tensor, mode: str, detach_st
     if mode == "meanvar":
         # A channel whose quantized weights all sit on one level has no spread to rescale:
         # it gets the mean correction alone (its centred weights are zero up to rounding).
-        spread = q_std > 1e-6
+        # Relative to the channel's magnitude, so that weights of scale 1e-6 are rescaled too.
+        scale = q.detach().abs().amax(dim=tuple(range(1, q.dim())), keepdim=True)
+        spread = q_std > FLAT_SPREAD * torch.finfo(q.dtype).eps * scale
         centred = centred * torch.where(spread, r_std / torch.where(spread, q_std, 1.0), 1.0)
     return centred + r_mean

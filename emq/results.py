@@ -42,7 +42,14 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; a non-UTF-8 or invalid file is a one-line ConfigError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is damaged: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is damaged: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def save_torch(path: Path, obj) -> None:
@@ -52,6 +59,34 @@ def save_torch(path: Path, obj) -> None:
     os.close(fd)
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_torch(path: Path, device="cpu", fix: str = ""):
+    """torch.load(weights_only=True) of a file a run wrote (model.pt, checkpoint.pt); a missing,
+    truncated or foreign file is a one-line ConfigError naming it, followed by ``fix``."""
+    path = Path(path)
+    fix = f": {fix}" if fix else ""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing{fix}") from None
+    except (PermissionError, IsADirectoryError) as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror}){fix}") from None
+    except Exception as e:  # truncated: OSError, RuntimeError or EOFError; garbage: UnpicklingError, IndexError, ...
+        raise ConfigError(f"{path} cannot be read: truncated or not a PyTorch file ({type(e).__name__}){fix}") from None
+
+
+def load_state(model: torch.nn.Module, state, path: Path, fix: str = "") -> None:
+    """``model.load_state_dict(state)`` of weights read from ``path``; weights of another model
+    (another config: other shapes or names) are a one-line ConfigError naming the file and the first mismatch."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e).strip()]
+        more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+        fix = f": {fix}" if fix else ""
+        first = problems[0].rstrip(". ")
+        raise ConfigError(f"{path} holds the weights of another model ({first}{more}){fix}") from None
 
 
 def env_info(device: str) -> dict:
@@ -89,6 +124,11 @@ class Run:
     @property
     def finished(self) -> bool:
         return (self.path / "summary.json").is_file()
+
+    def check_finished(self) -> None:
+        """Raise a one-line ConfigError unless the run has finished."""
+        if not self.finished:
+            raise ConfigError(f"run {self.path} has not finished: train it (or resume it) first")
 
     @property
     def summary(self) -> dict:
@@ -141,10 +181,10 @@ class ResultsStore:
         path = self.path_of(cfg)
         if (path / "config.json").is_file():
             stored = from_dict(read_json(path / "config.json"))  # fields added since get their defaults
-            if stored != cfg:
+            if stored.portable() != cfg.portable():
                 raise ConfigError(f"run folder {path} holds another config (hash collision or edited file)")
         else:
-            write_json(path / "config.json", cfg.to_dict())
+            write_json(path / "config.json", cfg.portable().to_dict())
         return Run(path, cfg)
 
     def open(self, path: str | Path) -> Run:
@@ -152,7 +192,11 @@ class ResultsStore:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"{str(path)!r} is not a run folder (no config.json)")
-        return Run(path, from_dict(read_json(path / "config.json")))
+        d = read_json(path / "config.json")
+        try:
+            return Run(path, from_dict(d))
+        except ConfigError as e:
+            raise ConfigError(f"{path / 'config.json'}: {e}") from None
 
     def runs(self, finished: bool = True) -> list[Run]:
         base = self.root / "runs"
@@ -170,3 +214,37 @@ def write_chapter_numbers(root: str | Path, chapter: str, numbers: dict) -> Path
     path = Path(root) / "chapters" / f"{chapter}.json"
     write_json(path, flat)
     return path
+
+
+def rehash_store(root: str | Path = "results") -> dict[str, str]:
+    """Rename the run folders of a store made before run hashes left out the data root.
+
+    Each folder whose name is not the hash of its config is renamed to that hash and its
+    config.json rewritten without the data root; a run fine-tuned from another (``train.init_from``)
+    gets the new hash of that run first, which changes its own. Nothing is retrained and no other
+    file is touched. Returns ``{old hash: new hash}`` of the renamed runs.
+    """
+    base = Path(root) / "runs"
+    configs = {p.name: from_dict(read_json(p / "config.json")) for p in sorted(base.iterdir())
+               if (p / "config.json").is_file()}
+    renamed: dict[str, str] = {}
+
+    def new_hash(old: str) -> str:
+        if old not in renamed:
+            cfg = configs[old].portable()
+            source = cfg.train.init_from
+            if source in configs:
+                cfg = cfg.with_overrides({"train.init_from": new_hash(source)})
+            configs[old] = cfg
+            renamed[old] = cfg.hash()
+        return renamed[old]
+
+    for old in list(configs):
+        new = new_hash(old)
+        if new != old and (base / new).exists():
+            raise ConfigError(f"cannot rename run {old} to {new}: {base / new} exists")
+    for old, new in renamed.items():
+        write_json(base / old / "config.json", configs[old].to_dict())
+        if new != old:
+            os.replace(base / old, base / new)
+    return {old: new for old, new in renamed.items() if new != old}

@@ -28,7 +28,7 @@ from .models import build_model
 from .quantizers import FULL_PRECISION
 from .recipes import Configure, active_bits, kd_loss, step_configure, steepness
 from .schemes import set_steepness
-from .results import ResultsStore, Run, env_info, save_torch, write_json
+from .results import ResultsStore, Run, env_info, load_state, load_torch, save_torch, write_json
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -159,21 +159,34 @@ def init_from_run(model: nn.Module, store: ResultsStore, run_hash: str, device) 
     path = store.root / "runs" / run_hash
     if not (path / "model.pt").is_file():
         raise ConfigError(f"train.init_from {run_hash!r}: no finished run of that hash in {store.root}")
-    source = torch.load(path / "model.pt", map_location=device, weights_only=True)
-    state = model.state_dict()
-    for key in state:
-        found = _source_key(key, source)
-        if found is not None:
-            state[key] = source[found]
-    model.load_state_dict(state)
+    try:
+        source = load_torch(path / "model.pt", device)
+        if not isinstance(source, dict):
+            raise ConfigError(f"{path / 'model.pt'} holds a {type(source).__name__}, not a model's weights")
+        state = model.state_dict()
+        for key in state:
+            found = _source_key(key, source)
+            if found is not None:
+                state[key] = source[found]
+        load_state(model, state, path / "model.pt")
+    except ConfigError as e:
+        raise ConfigError(f"train.init_from {run_hash!r}: {e}") from None
 
 
-def learning_rate(cfg: RunConfig, step: int, total: int, steps_per_epoch: int) -> float:
-    """Linear warm-up for ``warmup_epochs``, then cosine from ``lr`` to 0 over the remaining steps."""
-    warm = int(cfg.train.warmup_epochs * steps_per_epoch)
+def learning_rate(cfg: RunConfig, step: int, total: int, steps_per_epoch: int, epoch: int | None = None) -> float:
+    """Linear warm-up for ``warmup_epochs``, then the schedule: cosine from ``lr`` to 0 over the
+    remaining steps, or step: ``lr * gamma^k`` from the start of the ``epoch`` (default
+    ``step // steps_per_epoch``) at which ``k`` milestones have passed; a milestone ``f`` is the
+    start of epoch ``ceil(f * epochs)`` (0-based), as PyTorch's MultiStepLR stepped once per epoch."""
+    t = cfg.train
+    warm = int(t.warmup_epochs * steps_per_epoch)
     if step < warm:
-        return cfg.train.lr * (step + 1) / warm
-    return 0.5 * cfg.train.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return t.lr * (step + 1) / warm
+    if t.schedule == "step":
+        epoch = step // steps_per_epoch if epoch is None else epoch
+        # rounded first, so that 0.7 * 10 = 7.000000000000001 is epoch 7, not 8
+        return t.lr * t.gamma ** sum(epoch >= math.ceil(round(f * t.epochs, 9)) for f in t.milestones)
+    return 0.5 * t.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -227,10 +240,7 @@ def _resume(run: Run, model, opt, device, world: int = 1, companion=None, compan
     ckpt_path = run.path / "checkpoint.pt"
     if not ckpt_path.is_file():
         return TrainState()
-    try:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}); delete it to restart") from None
+    ckpt = load_torch(ckpt_path, device, "delete it to restart")
     if ckpt.get("config_hash") != run.config.hash():
         raise ConfigError(f"checkpoint {ckpt_path} belongs to config {ckpt.get('config_hash')}, "
                           f"not {run.config.hash()}; delete it to restart")
@@ -275,7 +285,10 @@ def _lightweight_recorder(light, cs: dict):
     return record
 
 
-def _sgd(model: nn.Module, t) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
+    """``train.optimizer``: SGD (Nesterov when there is momentum) or Adam; weight decay is L2 in both."""
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                            nesterov=t.momentum > 0)
 
@@ -303,17 +316,17 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     par, dev = distributed.setup(device)  # one process, or this one of torchrun's (emq.distributed)
     data = data or load_data(cfg.data)  # before the run folder exists: bad data leaves no trace
     plan, subset_size = make_schedule(cfg, data.train.y)  # a too small subset leaves no trace either
-    run = store.run(cfg) if par.main else Run(store.path_of(cfg), cfg)  # only rank 0 writes
     steps_per_epoch, total, pruning = plan.full_steps, plan.total, is_active(cfg)
     speed = speedups.resolve_speed(t, dev)
     model = distributed.prepare_model(build_model(cfg, data, dev), par, dev)
     step_model = speedups.prepare_model(distributed.wrap(model, par, dev), speed)  # the forward passes
-    opt = _sgd(model, t)
+    opt = make_optimizer(model, t)
     companion = make_companion(cfg, data, dev) if t.distill == "joint" else None
-    companion_opt = _sgd(companion, t) if companion is not None else None
+    companion_opt = make_optimizer(companion, t) if companion is not None else None
+    if t.init_from and not (store.path_of(cfg) / "checkpoint.pt").is_file():  # else resumed from the checkpoint
+        init_from_run(model, store, t.init_from, dev)  # before the run folder exists: a bad source leaves no trace
+    run = store.run(cfg) if par.main else Run(store.path_of(cfg), cfg)  # only rank 0 writes
     state = _resume(run, model, opt, dev, par.world, companion, companion_opt)
-    if state.step == 0 and t.init_from:
-        init_from_run(model, store, t.init_from, dev)
     if pruning and state.coreset is None:
         state.coreset = _new_coreset_state(cfg)
     cs = state.coreset
@@ -347,7 +360,7 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
             for batch in steps:
                 for o in optimizers:
                     for group in o.param_groups:
-                        group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch)
+                        group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch, epoch)
                     o.zero_grad(set_to_none=True)
                 bits = active_bits(t, state.step, total)
                 if cfg.quant.weight_quantizer == "shift":  # the only scheme with a steepness
@@ -404,16 +417,30 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
     save_torch(run.path / "model.pt", model.state_dict())
     if cs is not None:  # the last subset of every bit-width, for analyses of what was kept
         save_torch(run.path / "subsets.pt", cs["subsets"])
-    final = run.metrics()[-1]["test_acc"]
+    metrics = run.metrics()
+    final = metrics[-1]["test_acc"]
     write_json(run.path / "env.json", {**env_info(str(dev)), "processes": par.world, "speed": speed.as_dict()})
     write_json(run.path / "summary.json", {
         "acc": final, "wall_time_s": round(state.elapsed, 3), "eval_time_s": round(state.eval_time, 3),
         "steps": total, "train_size": len(data.train), "test_size": len(data.test),
-        **_cost(plan, cs, subset_size, state.passes),
+        **_cost(plan, cs, subset_size, state.passes), **best_epoch(metrics),
     })
     (run.path / "checkpoint.pt").unlink(missing_ok=True)
     distributed.barrier(par)
     return run
+
+
+def best_epoch(metrics: list[dict]) -> dict:
+    """The epoch of the highest test accuracy at the highest trained bit-width (32: full precision),
+    the first of ties, and every bit-width's accuracy at it.
+
+    Choosing the epoch on the test set is upstream's practice (Any-Precision's train.py keeps
+    its ``model_best`` by 32-bit test accuracy), not ours: ``acc`` stays the last epoch's, and
+    the book reports these fields only beside it, never instead of it.
+    """
+    top = str(max(int(b) for b in metrics[-1]["test_acc"]))
+    best = max(metrics, key=lambda row: (row["test_acc"][top], -row["epoch"]))
+    return {"best_epoch": best["epoch"], "acc_at_best_epoch": best["test_acc"]}
 
 
 def _cost(plan, cs: dict | None, subset_size: int, passes: dict) -> dict:

@@ -66,7 +66,7 @@ def trained(workdir) -> tuple[Path, Path]:
 
 def test_train_then_eval_with_bn_reestimation_prints_a_line_per_bit_width(trained, workdir):
     _, run_dir = trained
-    proc = emq("eval", run_dir, "--bits", "2,3", "--recalibrate-bn", "2", cwd=workdir)
+    proc = emq("eval", run_dir, "--bits", "2,3", "--recalibrate-bn", "2", "--data-root", DATA_ROOT, cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == f"run {run_dir} (BN re-estimated on 2 batches)"
@@ -90,7 +90,10 @@ BAD_INPUT = {
     "unknown config key": (["train", *TINY, "--set", "train.epoch=3"], ["unknown config key 'train.epoch'",
                                                                         "did you mean 'train.epochs'?"]),
     "bad type": (["train", *TINY, "--set", "train.epochs=three"], ["config key 'train.epochs'", "'three'"]),
-    "missing dataset root": (["train", *TINY, "--set", "data.root=/nonexistent"], ["/nonexistent"]),
+    # a run not yet in the store (a finished one is read back and needs no data)
+    "missing dataset root": (["train", *TINY, "--set", "data.root=/nonexistent", "--set", "train.seed=5"],
+                             ["/nonexistent"]),
+    "missing dataset root of eval": (["eval", "{run}", "--bits", "3", "--data-root", "/nonexistent"], ["/nonexistent"]),
     "not a run folder": (["eval", "{empty}"], ["is not a run folder"]),
     "unfinished run": (["eval", "{unfinished}"], ["has not finished"]),
     "negative recalibration": (["eval", "{run}", "--recalibrate-bn", "-1"], ["--recalibrate-bn"]),
@@ -186,3 +189,108 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted
     a = torch.load(tmp_path / "a" / "runs" / run_dir.name / "model.pt", weights_only=True)
     b = torch.load(run_dir / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- damaged runs and files (issue 9, item 4) ----------------------------------------------------
+# Every case ends with exit status 2 and one "error:" line naming the damaged file, and leaves the
+# folders it was given as they were: no file or folder added, none changed.
+def tree_of(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert_one_error_line(proc, *fragments)
+    assert "Traceback" not in proc.stderr
+
+
+def model_of_another_config(run_dir: Path, path: Path) -> None:
+    """Save at ``path`` the initial weights of the run's model at twice its width."""
+    import torch
+
+    from emq.config import from_dict
+    from emq.models import make_model
+
+    cfg = from_dict(json.loads((run_dir / "config.json").read_text())).with_overrides({"model.width": 0.5})
+    torch.save(make_model(cfg.model, cfg.quant, cfg.train.bits, 10, 1, 28).state_dict(), path)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {  # file of the run -> what is done to it
+    "model.pt truncated": ("model.pt", truncate),
+    "model.pt garbage": ("model.pt", lambda p: p.write_bytes(bytes(range(256)) * 8)),
+    "model.pt missing": ("model.pt", lambda p: p.unlink()),
+    "model.pt of another config": ("model.pt", None),  # model_of_another_config
+    "config.json not JSON": ("config.json", lambda p: p.write_text('{"train": {"epochs": 1,')),
+    "config.json not UTF-8": ("config.json", lambda p: p.write_bytes(b'{"train": {"seed": "\xff\xfe"}}')),
+    "evals.json not JSON": ("evals.json", lambda p: p.write_text("{'2/recal0': 0.5}")),
+    "evals.json not UTF-8": ("evals.json", lambda p: p.write_bytes(b'{"2/recal0": \xff}')),
+}
+WHY = {"model.pt truncated": "cannot be read: truncated or not a PyTorch file",
+       "model.pt garbage": "cannot be read: truncated or not a PyTorch file",
+       "model.pt missing": "is missing",
+       "model.pt of another config": "holds the weights of another model (size mismatch for",
+       "config.json not JSON": "is damaged: not valid JSON", "config.json not UTF-8": "is damaged: not UTF-8 text",
+       "evals.json not JSON": "is damaged: not valid JSON", "evals.json not UTF-8": "is damaged: not UTF-8 text"}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_eval_of_a_damaged_run_is_one_error_line_naming_the_file(case, trained, tmp_path):
+    _, run_dir = trained
+    damaged = tmp_path / run_dir.name
+    shutil.copytree(run_dir, damaged)
+    name, damage = DAMAGE[case]
+    (model_of_another_config(run_dir, damaged / name) if damage is None else damage(damaged / name))
+    cwd = tmp_path / "cwd"  # where the run's data root, data/, is the dataset: only the damage can fail
+    cwd.mkdir()
+    (cwd / "data").symlink_to(DATA_ROOT, target_is_directory=True)
+    before = tree_of(tmp_path)
+    proc = emq("eval", damaged, "--bits", "2,3", cwd=cwd)
+    assert_clean_error(proc, f"{damaged / name} {WHY[case]}")
+    assert tree_of(tmp_path) == before
+
+
+INIT_FROM = {
+    "truncated": (truncate, "cannot be read: truncated or not a PyTorch file"),
+    "of another config": (None, "holds the weights of another model (size mismatch for"),
+    "missing": (lambda p: shutil.rmtree(p.parent), "no finished run of that hash"),
+}
+
+
+@pytest.mark.parametrize("case", list(INIT_FROM))
+def test_training_from_a_damaged_or_missing_init_from_run_leaves_no_run_folder(case, trained, workdir, tmp_path):
+    _, run_dir = trained
+    store = tmp_path / "store"
+    source = store / "runs" / run_dir.name
+    shutil.copytree(run_dir, source)
+    damage, why = INIT_FROM[case]
+    (model_of_another_config(run_dir, source / "model.pt") if damage is None else damage(source / "model.pt"))
+    before = tree_of(tmp_path)
+    proc = emq("train", *TINY, "--set", f"train.init_from={run_dir.name}", "--results", store, "--no-progress",
+               cwd=workdir)
+    named = f"train.init_from '{run_dir.name}'" + ("" if case == "missing" else f": {source / 'model.pt'}")
+    assert_clean_error(proc, named, why)
+    assert tree_of(tmp_path) == before  # no orphan results/runs/<hash>/ nor config.json
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error_line_naming_it(workdir, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(b"quant:\n  norm: shared  # \xe9t\xe9\n")
+    before = tree_of(tmp_path)
+    proc = emq("train", config, *TINY, "--results", tmp_path / "store", "--no-progress", cwd=workdir)
+    assert_clean_error(proc, f"config file '{config}' is not UTF-8 text")
+    assert tree_of(tmp_path) == before
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_data_fetch_into_a_file_is_one_error_line_naming_it(below, workdir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    before = tree_of(tmp_path)
+    proc = emq("data", "fetch", "--root", afile / below if below else afile, cwd=workdir)
+    assert_clean_error(proc, f"{afile} is a file, not a folder")
+    assert tree_of(tmp_path) == before

@@ -270,6 +270,27 @@ def test_meanvar_correction_of_a_channel_with_zero_spread_shifts_it_to_the_refer
     assert q.grad.abs().max() < 1e3
 
 
+def test_meanvar_correction_rescales_a_channel_of_tiny_weights_like_one_of_ordinary_weights():
+    """std(Q_b(W)[c]) = 1e-6 is a spread, not zero, when the weights themselves are of scale 1e-6:
+    (q - mean(q)) * std(R) / std(q) + mean(R) with q = (-s, s), R = (-2s, 2s) is (-2s, 2s)."""
+    for s in (1e-6, 1e-3, 1.0):
+        q, ref = torch.tensor([[-s, s]]), torch.tensor([[-2 * s, 2 * s]])
+        corrected = correct_weight_bias(q, ref, "meanvar")
+        assert torch.allclose(corrected, torch.tensor([[-2 * s, 2 * s]]), rtol=1e-6, atol=0), (s, corrected)
+
+
+@pytest.mark.parametrize("level", [1e-6, 1 / 3, 0.7, 1.0])
+def test_meanvar_correction_of_a_constant_channel_of_any_scale_falls_back_to_the_mean(level):
+    """A channel whose quantized weights all sit on one level gets mean(R[c]) alone, at any
+    scale of the weights, also where rounding leaves it a spread of a float epsilon or so."""
+    q = torch.full((1, 512, 3, 3), level)
+    _, q_std = channel_stats(q)
+    assert q_std.item() <= 2 * torch.finfo(q.dtype).eps * level  # 0, or rounding of the mean (1/3, 0.7, 1e-6)
+    ref = torch.linspace(-2 * level, 4 * level, q.numel()).reshape(q.shape)
+    corrected = correct_weight_bias(q, ref, "meanvar")
+    assert torch.allclose(corrected, ref.mean().expand_as(q), rtol=1e-6, atol=0)
+
+
 def test_unknown_correction_raises_one_line_value_error():
     q, ref = quantized_and_reference(2)
     with pytest.raises(ValueError, match=r"unknown correction 'median'") as e:
