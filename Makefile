@@ -7,7 +7,7 @@ PROFILE ?= cpu
 CHAPTERS := $(sort $(wildcard book/[0-9][0-9]_*.ipynb))
 FASHION := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
 
-.PHONY: all venv data chapters book html test test-reference bench clean
+.PHONY: all venv data chapters book html test test-reference bench runs gpu-evidence clean
 
 all: book
 
@@ -33,8 +33,9 @@ chapters: venv data
 	  $(VENV)/bin/papermill --cwd book $(if $(filter-out cpu,$(PROFILE)),-p profile $(PROFILE)) $$nb $$nb || exit 1; \
 	done
 
+# Warnings are errors (-W -n): a broken reference, citation or glue fails the build.
 html: venv
-	$(VENV)/bin/jupyter-book build book/
+	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
 
 book: chapters html
 	@echo "book: book/_build/html/index.html"
@@ -51,6 +52,22 @@ test-reference: venv data
 	  out=tests/notebooks/$$(basename $$nb); \
 	  OMP_NUM_THREADS=1 $(VENV)/bin/papermill --cwd tests/notebooks -p profile smoke -p results_dir _build/test-results $$nb $$out || exit 1; \
 	done
+
+# Train every missing run of every grid at $(PROFILE) (python -m emq grid --list names them),
+# two single-thread workers at a time; interrupted runs resume, finished ones are read back.
+GRIDS := 00_scale
+JOBS ?= 2
+runs: venv data
+	@for g in $(GRIDS); do $(PY) -m emq grid $$g --profile $(PROFILE) --jobs $(JOBS) || exit 1; done
+
+# On a GPU box with PyTorch installed (no venv, no network): the throughput figures at full size
+# and chapter 02's headline grid on all 60k images with ResNet-20, into results/ to commit.
+# Needs data/FashionMNIST/raw (carry it). DRY_RUN=1 lists the runs and trains nothing.
+GPU_PY ?= python3
+gpu-evidence:
+	@mkdir -p results/gpu
+	$(if $(DRY_RUN),,$(GPU_PY) -m emq bench --throughput --no-book --size full --device cuda | tee results/gpu/throughput.txt)
+	$(GPU_PY) -m emq grid gpu_evidence --profile gpu --device $(if $(DRY_RUN),cpu,cuda) --jobs 6 --threads 2 $(if $(DRY_RUN),--dry-run)
 
 bench: venv data
 	$(PY) -m emq.bench --coreset

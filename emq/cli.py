@@ -17,6 +17,7 @@ from .config import PROFILES, ConfigError, load_config, parse_overrides
 from .data import DataError, fetch_fashion_mnist
 from .data_check import missing_pieces
 from .evaluation import evaluate_run
+from .grids import GRIDS, grid_cells, run_grid
 from .methods import METHODS, method_configs
 from .quantizers import check_bits
 from .results import ResultsStore, Run
@@ -64,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="the folder holding the run's dataset (default: data; a run does not store where it was)")
 
     sub.add_parser("methods", help="list the registered methods")
+
+    g = sub.add_parser("grid", help="train every missing run of a chapter's grid (python -m emq grid --list)")
+    g.add_argument("name", nargs="?", help="a grid, e.g. 00_scale")
+    g.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    g.add_argument("--jobs", type=int, default=2, help="worker processes (default 2: on 2 cores, two 1-thread "
+                                                       "workers train more runs per hour than one 2-thread one)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    g.add_argument("--results", default="results", help="results store folder (default: results)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (every worker uses it)")
+    g.add_argument("--list", "--dry-run", dest="list", action="store_true",
+                   help="list the grid's runs and whether the store has them; train nothing")
 
     d = sub.add_parser("data", help="get the embedded dataset, or check a dataset's files")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -118,6 +130,23 @@ def _launch(args) -> int:
             signal.signal(s, h)
 
 
+def _grid(args) -> None:
+    if not args.name:
+        print("grids: " + ", ".join(GRIDS))
+        return
+    store = ResultsStore(args.results)
+    if args.list:
+        for c in grid_cells(args.name, args.profile):
+            for cfg in c.configs(load_config(profile=args.profile)):
+                state = "finished" if store.is_finished(cfg) else "missing"
+                print(f"{cfg.hash()}  {state:<8}  {c.label}")
+        return
+    if args.jobs < 1 or args.threads < 1:
+        raise ConfigError(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
+    resolve_device(args.device)
+    run_grid(args.name, args.profile, store, args.jobs, args.threads, device=args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # every further option is emq.bench's own
@@ -147,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             width = max(map(len, METHODS))
             for name, method in METHODS.items():
                 print(f"{name:<{width}}  {method.about}")
+        elif args.command == "grid":
+            _grid(args)
         elif args.command == "eval":
             bits = _bits_list(args.bits)
             resolve_device(args.device)

@@ -174,7 +174,11 @@ class ResultsStore:
 
     def is_finished(self, cfg: RunConfig) -> bool:
         """Whether the run of ``cfg`` has finished (without creating its folder)."""
-        return (self.path_of(cfg) / "summary.json").is_file()
+        return self.is_finished_hash(cfg.hash())
+
+    def is_finished_hash(self, run_hash: str) -> bool:
+        """Whether the run of that hash has finished."""
+        return (self.root / "runs" / run_hash / "summary.json").is_file()
 
     def run(self, cfg: RunConfig) -> Run:
         """The run of ``cfg`` (created, with its config.json, if new)."""

@@ -1,0 +1,73 @@
+"""Run grids are data: every grid builds at its profiles, each run once, pretraining first; the
+runner trains exactly the runs its store lacks, on several processes, and then nothing."""
+import pytest
+
+from emq import grids
+from emq.config import ConfigError, load_config
+from emq.grids import cell, grid_configs, run_grid
+from emq.results import ResultsStore
+
+from test_speed import DATA_ROOT, needs_data
+
+TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "model.depth": 8,
+        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 1}
+
+
+@pytest.mark.parametrize(("name", "profile"), [("00_scale", "smoke"), ("00_scale", "cpu"), ("gpu_evidence", "gpu")])
+def test_every_grid_lists_each_run_once_with_its_pretraining_run_before_it(name, profile):
+    configs = grid_configs(name, profile)
+    hashes = [c.hash() for c in configs]
+    assert configs and len(set(hashes)) == len(hashes)
+    for i, cfg in enumerate(configs):
+        if cfg.train.init_from:
+            assert cfg.train.init_from in hashes[:i]
+
+
+def test_an_unknown_grid_or_profile_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match="unknown grid 'nope'"):
+        grid_configs("nope", "cpu")
+    with pytest.raises(ConfigError, match="has no 'gpu' profile"):
+        grid_configs("00_scale", "gpu")
+
+
+def test_the_scale_grid_varies_epochs_and_training_set_size_for_full_precision_and_multi_bit():
+    configs = grid_configs("00_scale", "cpu")
+    multibit = {(c.quant.norm, c.data.train_size, c.train.epochs) for c in configs if c.train.bits != (32,)}
+    assert {(n, 6144, e) for n in ("switchable", "shared") for e in (8, 16, 32)} <= multibit
+    fp_sizes = {c.data.train_size for c in configs if c.train.bits == (32,)}
+    assert fp_sizes == {6144, 24576, 0}
+    assert all(c.data.test_size == 0 for c in configs)  # all 10k test images: a 0.5 pp plateau is resolvable
+
+
+@needs_data
+def test_the_runner_trains_the_missing_runs_on_two_processes_then_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(grids.GRIDS, "tiny", lambda profile: [cell("full_precision"), cell("shift"),
+                                                             cell("any_precision", train_seed=1)])
+    base = load_config(profile="smoke", overrides=TINY)
+    store = ResultsStore(tmp_path)
+    lines = []
+    trained = run_grid("tiny", "smoke", store, jobs=2, base=base, echo=lines.append)
+    configs = grid_configs("tiny", "smoke", base)
+    assert len(configs) == 3  # shift's pretraining run is full_precision's run
+    assert sorted(trained) == sorted(c.hash() for c in configs) and all(store.is_finished(c) for c in configs)
+    assert lines[0].endswith("3 to train with 2 process(es) x 1 thread(s)") and len(lines) == 4
+    again = []
+    assert run_grid("tiny", "smoke", store, jobs=2, base=base, echo=again.append) == []
+    assert again == ["grid tiny at smoke: 3 runs, 3 in the store, 0 to train with 2 process(es) x 1 thread(s)"]
+
+
+def test_the_gpu_evidence_command_lists_chapter_02s_grid_on_all_images_with_resnet_20_in_a_dry_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["make", "-s", "gpu-evidence", "DRY_RUN=1", f"GPU_PY={sys.executable}"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    configs = grid_configs("gpu_evidence", "gpu")
+    assert [line.split()[0] for line in lines] == [c.hash() for c in configs]
+    assert {(c.model.depth, c.model.width, c.data.train_size, c.data.name) for c in configs} == {(20, 1.0, 0,
+                                                                                                  "fashion_mnist")}
+    assert sorted({c.train.seed for c in configs}) == [0, 1, 2] and len(configs) == 12
