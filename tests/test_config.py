@@ -369,3 +369,9 @@ def test_rehash_store_renames_runs_hashed_with_their_data_path_and_their_fine_tu
 def test_no_committed_run_config_names_a_machine_path():
     for path in sorted((Path(__file__).resolve().parents[1] / "results" / "runs").glob("*/config.json")):
         assert json.loads(path.read_text())["data"]["root"] == "data", path
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-3", 0.001), ("5E4", 50000.0), ("-2.5e-1", -0.25), ("3", 3)])
+def test_exponent_floats_are_floats_as_in_yaml_1_2_and_integers_stay_integers(text, value):
+    cfg = load_config(overrides=[f"train.lr={text}", f"train.epochs={3 if isinstance(value, float) else text}"])
+    assert cfg.train.lr == float(value) and isinstance(cfg.train.epochs, int)
