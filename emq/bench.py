@@ -30,8 +30,10 @@ import torch
 from .book import repo_root
 from .config import load_config
 from .data import load_data
+from .grids import train_all
 from .methods import method_config
 from .models import build_model
+from .results import ResultsStore
 from .training import multibit_step, resolve_device
 
 
@@ -87,7 +89,6 @@ def coreset_cost(profile: str, prune: float, device: str) -> None:
     """Train the full-data baseline, EMQ with static EL2N coresets and with lightweight-dynamic
     ones, and print accuracy differences, wall time, sample-passes and the cost ratios."""
     from .coresets import cost_ratio, total_passes, training_time
-    from .results import ResultsStore
     from .training import train
 
     base = method_config("shared_meanvar", load_config(profile=profile, overrides={
@@ -192,6 +193,22 @@ def print_throughput(rows: list[dict], device: str, bits=(2, 4, 8, 32)) -> None:
               f"{r['fp_images_per_s']:9.0f} {r['overhead']:8.2f} {r['epoch_s']:8.1f}")
 
 
+def runner_throughput(profile: str, runs: int, layouts: tuple[tuple[int, int], ...]) -> list[dict]:
+    """Runs per hour of the grid runner (:func:`emq.grids.run_grid`) at each (processes, threads)
+    layout: the same ``runs`` runs of the profile's multi-bit model (seeds 0..runs-1), each layout
+    into a fresh temporary store, one layout after the other on the same machine."""
+    base = load_config(profile=profile, overrides={"data.root": str(repo_root() / "data")})
+    configs = [method_config("shared_meanvar", base, **{"train.seed": s}) for s in range(runs)]
+    out = []
+    for jobs, threads in layouts:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            train_all(configs, ResultsStore(tmp), jobs, threads, echo=lambda line: None)
+            seconds = time.perf_counter() - t0
+        out.append({"jobs": jobs, "threads": threads, "seconds": seconds, "runs_per_hour": 3600 * runs / seconds})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m emq.bench", description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="cpu", help="model and batch of this profile (default cpu)")
@@ -204,6 +221,9 @@ def main(argv=None) -> int:
     p.add_argument("--throughput", action="store_true", help="add the training-throughput section (section 4)")
     p.add_argument("--size", choices=("auto", "full", "small"), default="auto",
                    help="throughput at full size (batch 256, 224 px) or small; auto: full on CUDA, small on CPU")
+    p.add_argument("--runner", action="store_true",
+                   help="runs per hour of the grid runner: N one-thread processes against one N-thread process")
+    p.add_argument("--runner-runs", type=int, default=4, help="runs trained per layout by --runner (default 4)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="also time compiled steps (auto: on CUDA only; inductor on the CPU compiles for minutes)")
     args = p.parse_args(argv)
@@ -220,6 +240,15 @@ def main(argv=None) -> int:
         size = args.size if args.size != "auto" else ("full" if cuda else "small")
         comp = cuda if args.compile == "auto" else args.compile == "on"
         print_throughput(throughput(size, args.device, args.repeats, comp), args.device)
+    if args.runner:
+        cores = torch.get_num_threads()
+        rows = runner_throughput(args.profile, args.runner_runs, ((cores, 1), (1, cores)))
+        print(f"grid runner, {args.runner_runs} {args.profile} runs per layout ({cores} cores):")
+        for r in rows:
+            print(f"  {r['jobs']} process(es) x {r['threads']} thread(s)  {r['seconds']:7.0f} s  "
+                  f"{r['runs_per_hour']:6.1f} runs/hour")
+        print(f"  ratio {rows[0]['jobs']} x 1 thread / 1 x {rows[1]['threads']} threads  "
+              f"{rows[0]['runs_per_hour'] / rows[1]['runs_per_hour']:.2f}")
     if not args.no_book:
         print(f"whole book at the {args.profile} profile, fresh results store:")
         print(f"  book time {book_time(args.profile):.0f} s")
