@@ -18,6 +18,7 @@ import torch
 from .config import ConfigError, RunConfig, load_config
 from .methods import method_configs
 from .results import ResultsStore
+from .training import train
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,6 @@ def grid_configs(name: str, profile: str, base: RunConfig | None = None) -> list
 # ---- the runner ----------------------------------------------------------------------------------
 def _train_one(args) -> tuple[str, float, dict]:
     cfg, root, threads, device = args
-    from .training import train  # the worker's own import, in a fresh (spawned) process
-
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     run = train(cfg, ResultsStore(root), device=device, progress=False)
