@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import DataConfig, RunConfig, load_config
 from .coresets import total_passes, training_time
 from .data import Dataset, load_data
+from .grids import Cell, grid_cells
 from .methods import method_configs
 from .results import ResultsStore, Run, write_chapter_numbers, write_json
 from .training import train
@@ -66,6 +67,19 @@ class Chapter:
         print(f"run {run.hash}: trained in {time.perf_counter() - t0:.0f} s")
         return self.keep(run)
 
+    def grid(self, name: str, train_missing: bool = True) -> list[tuple[Cell, Run | None]]:
+        """Every point of grid ``name`` (:mod:`emq.grids`) at the chapter's profile, with its run
+        (the last stage of its method): read from the store, or trained first when missing and
+        ``train_missing``; None when missing otherwise (``python -m emq grid`` trains it)."""
+        out = []
+        for c in grid_cells(name, self.profile):
+            stages = c.configs(self.base)
+            if train_missing or all(self.store.is_finished(s) for s in stages):
+                out.append((c, [self.run(s) for s in stages][-1]))
+            else:
+                out.append((c, None))
+        return out
+
     def keep(self, run: Run) -> Run:
         """Note that the chapter read ``run`` (listed in ``results/chapters/<chapter>.runs.json``)."""
         self.asked[run.hash] = run.config.portable().non_default()
@@ -101,8 +115,3 @@ def training_cost(runs: list[Run]) -> dict[str, float]:
     teacher and scoring passes of one sample at one bit-width, or through a companion)."""
     return {"train_time_s": sum(training_time(r.summary) for r in runs),
             "sample_passes": sum(total_passes(r.summary) for r in runs)}
-
-
-def runs_caption(runs: list[Run]) -> str:
-    """The line under a figure naming the runs it read."""
-    return "runs: " + ", ".join(sorted({r.hash for r in runs}))

@@ -80,9 +80,32 @@ def train_args(cfg: RunConfig, results: str | Path, device: str = "auto") -> lis
     return out + ["--results", str(results), "--device", device, "--no-progress"]
 
 
-def torchrun_line(cfg: RunConfig, nproc: int, results: str | Path, device: str = "auto") -> str:
-    """The torchrun command, as a user types it, that trains ``cfg`` on ``nproc`` processes."""
-    return shlex.join(torchrun_command(nproc, train_args(cfg, results, device)))
+def torchrun_line(cfg: RunConfig, nproc: int, results: str | Path, device: str = "auto", width: int | None = None) -> str:
+    """The torchrun command, as a user types it, that trains ``cfg`` on ``nproc`` processes: one
+    line, or with ``width`` lines of at most that many characters (:func:`wrap_command`)."""
+    args = torchrun_command(nproc, train_args(cfg, results, device))
+    return shlex.join(args) if width is None else wrap_command(args, width)
+
+
+def wrap_command(args: list[str], width: int = 76, indent: str = "    ") -> str:
+    """``args`` as a shell command over lines of at most ``width`` characters, each but the last
+    continued with `` \\``; an option and its value (``--set key=value``) stay on one line, and
+    an argument longer than a line keeps a line of its own. Pasted into a shell, it is the command
+    ``shlex.join(args)``."""
+    words = [shlex.quote(a) for a in args]
+    tokens, i = [], 0
+    while i < len(words):
+        pair = words[i].startswith("--") and "=" not in words[i] and i + 1 < len(words) and not words[i + 1].startswith("-")
+        tokens.append(f"{words[i]} {words[i + 1]}" if pair else words[i])
+        i += 2 if pair else 1
+    lines = [tokens[0]]
+    for token in tokens[1:]:
+        room = width - len(" \\") - (len(indent) if len(lines) > 1 else 0)
+        if len(lines[-1]) + 1 + len(token) <= room:
+            lines[-1] += " " + token
+        else:
+            lines.append(token)
+    return (" \\\n" + indent).join(lines)
 
 
 def run_distributed(cfg: RunConfig, nproc: int, results: str | Path, device: str = "auto", cwd=None) -> None:

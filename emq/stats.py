@@ -1,7 +1,9 @@
-"""Seed statistics for the chapters: mean ± std tables and the comparisons behind verdicts."""
+"""Seed statistics for the chapters: ``mean ± spread`` (or "(1 seed)") tables and the comparisons
+behind verdicts."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -19,12 +21,41 @@ def mean_std(df: pd.DataFrame, by: list[str], value: str = "acc") -> pd.DataFram
     return out
 
 
+def format_value(value: float, spread: float, n: int, digits: int = 1, sign: bool = False, unit: str = "") -> str:
+    """``"84.2 ± 0.3"`` (``unit`` after the spread), or ``"84.2 (1 seed)"`` where ``n`` is 1: one
+    seed has no spread, and a single seed must never read as zero variance. The one place where
+    the book writes a value with its spread (:func:`format_mean_se`, :func:`pm_table`,
+    :meth:`Difference.describe`)."""
+    shown = f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return f"{shown}{unit} (1 seed)" if n == 1 else f"{shown} ± {spread:.{digits}f}{unit}"
+
+
+def format_mean_se(values: Sequence[float], digits: int = 1, scale: float = 1.0, spread: str = "se") -> str:
+    """``"84.2 ± 0.3"``: the mean over seeds ± its standard error, or ``"84.2 (1 seed)"`` for one value.
+
+    The standard error is ``std / sqrt(n)`` with the sample standard deviation (ddof = 1) of
+    :func:`mean_std`; ``spread="std"`` shows that standard deviation instead. Values are
+    multiplied by ``scale`` (100 turns accuracies into percent).
+    """
+    if spread not in ("se", "std"):
+        raise ValueError(f"unknown spread {spread!r}: use se (standard error) or std (standard deviation)")
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("format_mean_se needs at least one value")
+    if any(math.isnan(v) for v in vals):
+        raise ValueError(f"format_mean_se got NaN among {vals}: a run is missing or failed")
+    row = mean_std(pd.DataFrame({"group": 0, "value": vals}), ["group"], "value").iloc[0]
+    width = row["std"] / math.sqrt(row["count"]) if spread == "se" else row["std"]
+    return format_value(scale * row["mean"], scale * width, len(vals), digits)
+
+
 def pm_table(df: pd.DataFrame, index: str, columns: str, value: str = "acc", scale: float = 100.0,
-             digits: int = 2) -> pd.DataFrame:
-    """A wide table of ``mean ± std`` strings (values scaled, e.g. to percent)."""
-    s = mean_std(df, [index, columns], value)
-    s["cell"] = [f"{scale * m:.{digits}f} ± {scale * d:.{digits}f}" for m, d in zip(s["mean"], s["std"])]
-    return s.pivot(index=index, columns=columns, values="cell")
+             digits: int = 2, spread: str = "std") -> pd.DataFrame:
+    """A wide table of ``mean ± std`` strings (values scaled, e.g. to percent; ``spread="se"``
+    for the standard error), with ``value (1 seed)`` in a cell of one seed."""
+    cells = df.groupby([index, columns], sort=True)[value].agg(
+        lambda s: format_mean_se(s, digits=digits, scale=scale, spread=spread))
+    return cells.unstack(columns)
 
 
 @dataclass(frozen=True)
@@ -46,8 +77,11 @@ class Difference:
         return abs(self.diff_pp) <= MATCH_MARGIN_PP
 
     def describe(self) -> str:
-        """E.g. ``-3.10 pp (± 0.80 s.e.)``."""
-        return f"{self.diff_pp:+.2f} pp (± {self.se_pp:.2f} s.e.)"
+        """E.g. ``-3.10 ± 0.80 pp (s.e.)``, or ``-3.10 pp (1 seed)`` where a side has one seed
+        (no standard error can be estimated then)."""
+        n = min(self.n_a, self.n_b)
+        text = format_value(self.diff_pp, self.se_pp, n, digits=2, sign=True, unit=" pp")
+        return text if n == 1 else f"{text} (s.e.)"
 
 
 def difference(a: pd.Series, b: pd.Series) -> Difference:

@@ -44,3 +44,16 @@ def test_chapters_have_a_parameters_cell_with_a_profile(path):
     nb = nbformat.read(path, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and re.search(r'^profile = "cpu"', params[0].source, re.M)
+
+
+MACHINE_PATH = re.compile(r"(?<![\w.~])/(?:work|home|tmp|root|Users|mnt|opt|var|srv|scratch)/")
+
+
+@pytest.mark.parametrize("path", CHAPTERS + sorted((ROOT / "tests" / "notebooks").glob("*.ipynb")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_no_committed_output_names_a_path_of_the_machine_it_ran_on(path):
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            text = json.dumps(out)
+            assert str(ROOT) not in text and not MACHINE_PATH.search(text), f"cell {i}: {MACHINE_PATH.search(text)}"

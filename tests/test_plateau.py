@@ -1,0 +1,175 @@
+"""A verdict is a verdict only at a plateau: the last-quarter gain of a run is read from its
+per-epoch metrics by a stated rule, and no committed chapter calls a comparison one "at a
+plateau" while a run behind it was still learning."""
+import json
+import math
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from emq.plateau import PLATEAU_PP, Plateau, last_quarter_gain, method_gains, number_key, reference_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+# The chapters that compare methods. Chapter 00 (the scale study) measures where the plateau is:
+# its outputs say which of its runs reach one, by design, and it compares no methods.
+CHAPTERS = sorted(p for p in (ROOT / "book").glob("[0-9][0-9]_*.ipynb") if not p.name.startswith("00_"))
+# Chapter 05 is a runbook whose runs are not meant for verdicts: it records no plateau flag.
+RUNBOOKS = {"05_full_scale"}
+PHRASE = re.compile(r"at a plateau", re.I)
+
+
+def rows(curve: dict[int, float], bits: int = 32, **other_bits) -> list[dict]:
+    """Metric rows of a run whose ``bits``-bit test accuracy per epoch is ``curve`` (in %)."""
+    out = []
+    for epoch, acc in curve.items():
+        test_acc = {str(bits): acc / 100, **{str(b): v[epoch] / 100 for b, v in other_bits.items()}}
+        out.append({"epoch": epoch, "step": 10 * epoch, "test_acc": test_acc, "loss": {str(bits): 1.0}})
+    return out
+
+
+class FakeRun:
+    def __init__(self, metric_rows):
+        self._rows = metric_rows
+
+    def metrics(self):
+        return self._rows
+
+
+@pytest.mark.parametrize("epochs, ref", [(1, 0), (2, 1), (3, 2), (4, 3), (8, 6), (16, 12), (60, 45), (61, 45)])
+def test_the_last_quarter_starts_at_three_quarters_of_the_epochs_and_at_least_one_before_the_end(epochs, ref):
+    assert reference_epoch(epochs) == ref
+
+
+def test_the_gain_is_the_last_epoch_minus_the_epoch_at_three_quarters_in_percentage_points():
+    curve = {e: 50 + e for e in range(1, 17)}  # one point per epoch
+    assert last_quarter_gain(rows(curve)) == pytest.approx(4.0)  # epoch 16 - epoch 12
+    assert last_quarter_gain(rows({1: 60.0, 2: 70.0, 3: 75.0, 4: 75.25})) == pytest.approx(0.25)
+
+
+def test_the_gain_is_read_at_the_highest_bit_width_unless_told():
+    r = rows({1: 60.0, 2: 70.0, 3: 75.0, 4: 76.0}, bits=32, **{"2": {1: 10.0, 2: 20.0, 3: 30.0, 4: 40.0}})
+    assert last_quarter_gain(r) == pytest.approx(1.0)
+    assert last_quarter_gain(r, bits=2) == pytest.approx(10.0)
+    assert last_quarter_gain(rows({1: 30.0, 2: 40.0}, bits=2)) == pytest.approx(10.0)  # a 2-bit-only run
+
+
+def test_other_metric_rows_are_ignored_and_a_drop_is_a_negative_gain():
+    r = rows({1: 60.0, 2: 70.0, 3: 75.0, 4: 73.0}) + [{"step": 99, "eval": "recal"}]
+    assert last_quarter_gain(r) == pytest.approx(-2.0)
+    assert last_quarter_gain(FakeRun(r)) == pytest.approx(-2.0)
+
+
+def test_a_one_epoch_run_counts_all_it_learned_and_is_never_at_a_plateau():
+    assert last_quarter_gain(rows({1: 40.0})) == pytest.approx(40.0)
+    assert not Plateau({"smoke": [FakeRun(rows({1: 40.0}))]}).at_plateau
+
+
+def test_a_run_without_metrics_or_with_a_missing_epoch_is_an_error_not_a_number():
+    with pytest.raises(ValueError, match="no per-epoch test accuracy"):
+        last_quarter_gain([])
+    with pytest.raises(ValueError, match="no epoch 3"):
+        last_quarter_gain(rows({1: 50.0, 2: 60.0, 4: 70.0}))
+
+
+def test_a_method_over_seeds_gives_the_mean_and_standard_error_of_its_gains():
+    g = method_gains([FakeRun(rows({1: 50.0, 2: 60.0, 3: 70.0, 4: 71.0})),
+                      FakeRun(rows({1: 50.0, 2: 60.0, 3: 70.0, 4: 73.0}))])
+    assert g.gains == pytest.approx((1.0, 3.0)) and g.mean == pytest.approx(2.0) and g.largest == pytest.approx(3.0)
+    assert g.bits == 32 and g.epochs == 4
+    assert g.describe() == "2.00 ± 1.00"  # std 1.41, s.e. 1.00
+    assert method_gains([FakeRun(rows({1: 50.0, 2: 50.2}))]).describe() == "0.20 (1 seed)"
+
+
+def test_a_comparison_is_at_a_plateau_only_when_every_run_gained_less_than_half_a_point():
+    flat = FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.4}))
+    learning = FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.5}))  # exactly 0.5 pp: still learning
+    assert PLATEAU_PP == 0.5
+    both_flat = Plateau({"a": [flat, flat], "b": [flat]})
+    assert both_flat.at_plateau and both_flat.learning() == []
+    one_learning = Plateau({"a": [flat, learning], "b": [flat]})
+    assert not one_learning.at_plateau and one_learning.learning() == ["a"]
+    assert one_learning.largest == pytest.approx(0.5)
+
+
+def test_what_a_chapter_records_and_says_follows_the_rule():
+    flat = FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.1}))
+    learning = FakeRun(rows({1: 40.0, 2: 50.0, 3: 60.0, 4: 65.0}))
+    yes, no = Plateau({"shared_meanvar, trained on all": [flat]}), Plateau({"emq": [flat], "lsq": [learning]})
+    assert yes.numbers() == pytest.approx({"at_plateau": 1.0, "max_last_quarter_gain_pp": 0.1,
+                                           "last_quarter_gain_pp_shared_meanvar_trained_on_all": 0.1})
+    assert no.numbers()["at_plateau"] == 0.0 and no.numbers()["max_last_quarter_gain_pp"] == pytest.approx(5.0)
+    assert PHRASE.search(yes.status()) and PHRASE.search(yes.verdict("Supported"))
+    assert "still learning" in no.status() and "not verdicts" in no.status()
+    assert not PHRASE.search(no.status()) and not PHRASE.search(no.verdict("Supported"))
+    assert "Not a verdict" in no.verdict("Supported") and "*supported*" in no.verdict("Supported")
+    assert PHRASE.search(yes.lead()) and not PHRASE.search(no.lead()) and "still learning" in no.lead()
+    table = no.table()
+    assert list(table["method"]) == ["emq", "lsq"] and list(table["still learning"]) == ["no", "yes"]
+    assert list(table["last quarter (epochs)"]) == ["3 → 4", "3 → 4"]
+    assert "<table" in no.show().data and "emq-scroll" in no.show().data
+    assert number_key("el2n, static") == "el2n_static"
+
+
+# ---- the committed chapters --------------------------------------------------------------------
+def output_texts(nb) -> list[str]:
+    """Every text a reader sees in the outputs of an executed notebook (glued values included)."""
+    texts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                texts.append(out["text"])
+            for mime, value in out.get("data", {}).items():
+                if mime.startswith("text/") or mime.endswith("text/plain"):
+                    texts.append(value if isinstance(value, str) else "".join(value))
+    return texts
+
+
+def plateau_problems(nb, numbers: dict, runbook: bool = False) -> list[str]:
+    """What is wrong with a chapter's plateau flag and what its outputs say, given its JSON numbers."""
+    said = [t for t in output_texts(nb) if PHRASE.search(t)]
+    if runbook:
+        return [f"a runbook, whose runs are not meant for verdicts, says: {t[:200]!r}" for t in said]
+    missing = {"at_plateau", "max_last_quarter_gain_pp"} - set(numbers)
+    if missing:
+        return [f"the chapter's JSON lacks {sorted(missing)}: re-execute the chapter"]
+    largest, flag = numbers["max_last_quarter_gain_pp"], numbers["at_plateau"]
+    if not math.isfinite(largest):
+        return [f"max_last_quarter_gain_pp is {largest}"]
+    if flag != float(largest < PLATEAU_PP):
+        return [f"at_plateau = {flag} but the largest last-quarter gain is {largest} pp"]
+    if flag != 1.0:
+        return [f"says 'at a plateau' while a run gained {largest:.2f} pp over its last quarter: {t[:200]!r}"
+                for t in said]
+    return []
+
+
+def notebook(*outputs) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=list(outputs))]
+    return nb
+
+
+def test_the_check_of_committed_chapters_catches_a_plateau_verdict_on_runs_still_learning():
+    says = nbformat.v4.new_output("display_data", {"text/markdown": "**Supported**, at a plateau"})
+    honest = nbformat.v4.new_output("stream", text="The networks are still learning: not a verdict")
+    learning = {"at_plateau": 0.0, "max_last_quarter_gain_pp": 3.2}
+    flat = {"at_plateau": 1.0, "max_last_quarter_gain_pp": 0.3}
+    assert plateau_problems(notebook(honest), learning) == []
+    assert plateau_problems(notebook(says), flat) == []
+    assert "while a run gained 3.20 pp" in plateau_problems(notebook(honest, says), learning)[0]
+    assert "at_plateau = 1.0" in plateau_problems(notebook(), {**learning, "at_plateau": 1.0})[0]
+    assert "at_plateau = 0.0" in plateau_problems(notebook(), {**flat, "at_plateau": 0.0})[0]
+    assert "lacks" in plateau_problems(notebook(), {})[0]
+    assert plateau_problems(notebook(honest), {}, runbook=True) == []
+    assert "runbook" in plateau_problems(notebook(says), {}, runbook=True)[0]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_no_committed_chapter_calls_a_comparison_a_verdict_at_a_plateau_while_its_networks_still_learn(path):
+    """The committed cpu chapter's outputs against its results/chapters/<chapter>.json."""
+    nb = nbformat.read(path, as_version=4)
+    numbers = json.loads((ROOT / "results" / "chapters" / f"{path.stem}.json").read_text())
+    problems = plateau_problems(nb, numbers, runbook=path.stem in RUNBOOKS)
+    assert not problems, f"{path.name}: " + "\n".join(problems)
