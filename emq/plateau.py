@@ -14,10 +14,8 @@ epoch (the smoke profile) has no epoch before its last: its reference is the net
 training, counted as accuracy 0 (also for a fine-tuned run, whose start is not measured), so all
 it learned is its gain and it is never at a plateau.
 
-The gain is signed: a run whose accuracy fell over its last quarter has a negative gain, below
-the threshold like a flat one.
-
-A run is at a plateau when its gain is below :data:`PLATEAU_PP`. A comparison of runs is a
+A run is at a plateau when its accuracy changed by less than :data:`PLATEAU_PP` over its last
+quarter, either way: a run whose accuracy fell by more is not flat either, it is unstable. A comparison of runs is a
 verdict "at a plateau" only when every run in it is; otherwise the networks are still learning,
 and the comparison says what these runs show, not which method is better.
 """
@@ -88,11 +86,12 @@ class Gains:
 
     @property
     def largest(self) -> float:
-        return max(self.gains)
+        """The gain of the run that changed most, either way (signed)."""
+        return max(self.gains, key=abs)
 
     @property
     def at_plateau(self) -> bool:
-        return all(g < PLATEAU_PP for g in self.gains)
+        return all(abs(g) < PLATEAU_PP for g in self.gains)
 
     def describe(self) -> str:
         """``"1.20 ± 0.30"``: mean ± standard error over seeds, or ``"1.20 (1 seed)"``."""
@@ -128,12 +127,12 @@ class Plateau:
 
     @property
     def largest(self) -> float:
-        """The largest last-quarter gain of any run, in percentage points."""
-        return max(g.largest for g in self.methods.values())
+        """The last-quarter gain of the run that changed most, either way (signed), in percentage points."""
+        return max((g.largest for g in self.methods.values()), key=abs)
 
     @property
     def at_plateau(self) -> bool:
-        """Whether every run gained less than :data:`PLATEAU_PP` over its last quarter."""
+        """Whether every run changed by less than :data:`PLATEAU_PP` over its last quarter."""
         return all(g.at_plateau for g in self.methods.values())
 
     def learning(self) -> list[str]:
@@ -162,7 +161,7 @@ class Plateau:
     def numbers(self) -> dict[str, float]:
         """What a chapter records: ``at_plateau`` (1.0 / 0.0), ``max_last_quarter_gain_pp`` and
         every method's mean gain, ``last_quarter_gain_pp_<method>``."""
-        out = {"at_plateau": float(self.at_plateau), "max_last_quarter_gain_pp": self.largest}
+        out = {"at_plateau": float(self.at_plateau), "max_last_quarter_gain_pp": abs(self.largest)}
         out.update({f"last_quarter_gain_pp_{number_key(label)}": g.mean for label, g in self.methods.items()})
         return out
 
@@ -171,12 +170,12 @@ class Plateau:
         runs = sum(len(g.gains) for g in self.methods.values())
         if self.at_plateau:
             who = "The run is" if runs == 1 else f"All {runs} runs are"
-            return (f"**{who} at a plateau**: at its highest trained bit-width, every run gained "
+            return (f"**{who} at a plateau**: at its highest trained bit-width, every run changed by "
                     f"less than {PLATEAU_PP} pp of test accuracy over the last quarter of its training "
                     f"(at most {self.largest:+.2f} pp), so the comparisons below are verdicts at a plateau.")
-        n = sum(sum(g >= PLATEAU_PP for g in m.gains) for m in self.methods.values())
-        who = (f"the run gained {self.largest:+.1f} pp" if runs == 1 else
-               f"{n} of {runs} runs gained {PLATEAU_PP} pp or more (up to {self.largest:+.1f} pp)")
+        n = sum(sum(abs(g) >= PLATEAU_PP for g in m.gains) for m in self.methods.values())
+        who = (f"the run changed by {self.largest:+.1f} pp" if runs == 1 else
+               f"{n} of {runs} runs changed by {PLATEAU_PP} pp or more (up to {self.largest:+.1f} pp)")
         return (f"**The networks are still learning**: {who} of test accuracy at the highest trained "
                 "bit-width over the last quarter of training. The comparisons below describe these runs; "
                 "they are not verdicts on the methods, which longer training could change.")

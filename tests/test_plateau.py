@@ -173,3 +173,9 @@ def test_no_committed_chapter_calls_a_comparison_a_verdict_at_a_plateau_while_it
     numbers = json.loads((ROOT / "results" / "chapters" / f"{path.stem}.json").read_text())
     problems = plateau_problems(nb, numbers, runbook=path.stem in RUNBOOKS)
     assert not problems, f"{path.name}: " + "\n".join(problems)
+
+
+def test_a_run_whose_accuracy_fell_over_its_last_quarter_is_not_at_a_plateau():
+    fell = Plateau({"a": [FakeRun(rows({1: 50.0, 2: 60.0, 3: 70.0, 4: 68.0}))]})
+    assert fell.largest == pytest.approx(-2.0) and not fell.at_plateau
+    assert fell.numbers()["max_last_quarter_gain_pp"] == pytest.approx(2.0)  # the size of the change
