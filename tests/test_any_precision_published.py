@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from emq.config import ConfigError, RunConfig, from_dict, load_config
-from emq.data import load_data
-from emq.layers import QConv2d, QuantWeightMixin, SwitchableBatchNorm2d, active_norms, set_bits
+from emq.data.load import load_data
+from emq.nn.layers import QConv2d, QuantWeightMixin, SwitchableBatchNorm2d, active_norms, set_bits
 from emq.methods import method_config
-from emq.models import AnyPrecisionBlock, make_model
+from emq.nn.models import AnyPrecisionBlock, make_model
 from emq.results import ResultsStore
-from emq.training import best_epoch, learning_rate, make_optimizer, train
+from emq.training.loop import best_epoch, learning_rate, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"

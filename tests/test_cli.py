@@ -210,7 +210,7 @@ def model_of_another_config(run_dir: Path, path: Path) -> None:
     import torch
 
     from emq.config import from_dict
-    from emq.models import make_model
+    from emq.nn.models import make_model
 
     cfg = from_dict(json.loads((run_dir / "config.json").read_text())).with_overrides({"model.width": 0.5})
     torch.save(make_model(cfg.model, cfg.quant, cfg.train.bits, 10, 1, 28).state_dict(), path)

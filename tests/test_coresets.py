@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from emq.config import ConfigError, ModelConfig, QuantConfig, load_config
-from emq.coresets import (
+from emq.training.coresets import (
     LightweightScores,
     Schedule,
     coreset_size,
@@ -27,11 +27,11 @@ from emq.coresets import (
     select_shards,
     total_passes,
 )
-from emq.data import load_data
-from emq.layers import set_bits
-from emq.models import make_model
+from emq.data.load import load_data
+from emq.nn.layers import set_bits
+from emq.nn.models import make_model
 from emq.results import ResultsStore
-from emq.training import bitwise_step, multibit_step, train
+from emq.training.loop import bitwise_step, multibit_step, train
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 HAVE_DATA = (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()

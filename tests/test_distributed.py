@@ -25,11 +25,11 @@ from torch import nn
 
 from emq.cli import main
 from emq.config import ConfigError, load_config
-from emq.data import load_data
-from emq.distributed import GlobalBatchNorm2d, Parallel, prepare_model, wrap
-from emq.models import build_model
+from emq.data.load import load_data
+from emq.training.distributed import GlobalBatchNorm2d, Parallel, prepare_model, wrap
+from emq.nn.models import build_model
 from emq.results import ResultsStore
-from emq.training import multibit_step, train
+from emq.training.loop import multibit_step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"

@@ -2,9 +2,9 @@
 runner trains exactly the runs its store lacks, on several processes, and then nothing."""
 import pytest
 
-from emq import grids
+from emq.book import grids
 from emq.config import ConfigError, load_config
-from emq.grids import cell, grid_configs, run_grid
+from emq.book.grids import cell, grid_configs, run_grid
 from emq.results import ResultsStore
 
 from test_speed import DATA_ROOT, needs_data

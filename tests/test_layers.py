@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from emq.config import ModelConfig, QuantConfig
-from emq.layers import (
+from emq.nn.layers import (
     MultiBit,
     QAct,
     QConv2d,
@@ -17,8 +17,8 @@ from emq.layers import (
     make_norm,
     set_bits,
 )
-from emq.models import make_model
-from emq.quantizers import quantize_weight
+from emq.nn.models import make_model
+from emq.quant.quantizers import quantize_weight
 
 BITS = (2, 4, 8, 32)
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from emq.config import ConfigError, RunConfig, load_config
-from emq.data import load_data
-from emq.layers import set_bits
+from emq.data.load import load_data
+from emq.nn.layers import set_bits
 from emq.methods import METHODS, method_config, method_configs
-from emq.models import make_model
-from emq.recipes import step_configure
+from emq.nn.models import make_model
+from emq.training.recipes import step_configure
 from emq.results import ResultsStore
-from emq.schemes import DoubleRoundingQuantizer, ShiftQuantizer
-from emq.storage import stored_bytes
-from emq.training import init_from_run, make_companion, multibit_step, train
+from emq.quant.schemes import DoubleRoundingQuantizer, ShiftQuantizer
+from emq.nn.storage import stored_bytes
+from emq.training.loop import init_from_run, make_companion, multibit_step, train
 
 BITS = (2, 4, 8, 32)
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"

@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from emq.config import load_config
-from emq.data import load_data
-from emq.layers import QAct, QConv2d
-from emq.models import make_model
-from emq.recipes import (active_bits, act_bits, kd_loss, quantized_blocks, quantized_share, stage, steepness,
+from emq.data.load import load_data
+from emq.nn.layers import QAct, QConv2d
+from emq.nn.models import make_model
+from emq.training.recipes import (active_bits, act_bits, kd_loss, quantized_blocks, quantized_share, stage, steepness,
                          step_configure)
 from emq.results import ResultsStore
-from emq.schemes import DoubleRoundingQuantizer
-from emq.shiftbit import shift_scaled, shift_slope, shift_soft
-from emq.training import multibit_step, make_companion, train
+from emq.quant.schemes import DoubleRoundingQuantizer
+from emq.quant.shiftbit import shift_scaled, shift_slope, shift_soft
+from emq.training.loop import multibit_step, make_companion, train
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,

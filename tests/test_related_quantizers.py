@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from emq.double_rounding import double_rounding, int_range, lower_from_high, stored_bytes, to_int_high
-from emq.lsq import LSQQuantizer, lsq_init_step, lsq_quantize, lsq_range
-from emq.qil import QILQuantizer, qil_discretise, qil_transform_activation, qil_transform_weight
-from emq.shiftbit import ALPHA_CANDIDATES, shift_alpha, shift_hard, shift_levels, shift_soft
+from emq.quant.double_rounding import double_rounding, int_range, lower_from_high, stored_bytes, to_int_high
+from emq.quant.lsq import LSQQuantizer, lsq_init_step, lsq_quantize, lsq_range
+from emq.quant.qil import QILQuantizer, qil_discretise, qil_transform_activation, qil_transform_weight
+from emq.quant.shiftbit import ALPHA_CANDIDATES, shift_alpha, shift_hard, shift_levels, shift_soft
 
 
 def randn(*shape, seed=0):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import emq.speed
+import emq.training.speed
 from emq.config import TrainConfig, from_dict, load_config
-from emq.data import load_data
-from emq.models import build_model
+from emq.data.load import load_data
+from emq.nn.models import build_model
 from emq.results import ResultsStore
-from emq.speed import Speed, autocast, prepare_input, prepare_model, resolve_speed
-from emq.training import train
+from emq.training.speed import Speed, autocast, prepare_input, prepare_model, resolve_speed
+from emq.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"
@@ -68,7 +68,7 @@ def test_channels_last_computes_the_same_function():
 
 @needs_data
 def test_compiled_training_matches_eager(tmp_path, monkeypatch):
-    monkeypatch.setattr(emq.speed, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(emq.training.speed, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     cfg = load_config(profile="smoke", overrides={**TINY, "train.compile": "on"})
     data = load_data(cfg.data)

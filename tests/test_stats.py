@@ -5,8 +5,9 @@ import math
 import pandas as pd
 import pytest
 
-from emq import plots, stats
-from emq.stats import Difference, difference, format_mean_se, format_value, pm_table
+from emq.analysis import stats
+from emq.book import plots
+from emq.analysis.stats import Difference, difference, format_mean_se, format_value, pm_table
 
 
 def frame(cells: dict[tuple[str, int], list[float]]) -> pd.DataFrame:

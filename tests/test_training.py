@@ -13,15 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import emq.evaluation
-import emq.training
+import emq.analysis.evaluation
+import emq.training.loop
 from emq.config import ConfigError, load_config
-from emq.data import load_data
-from emq.evaluation import evaluate, evaluate_run, recalibrate_bn
-from emq.layers import SwitchableBatchNorm2d, set_bits
-from emq.models import build_model, load_trained
+from emq.data.load import load_data
+from emq.analysis.evaluation import evaluate, evaluate_run, recalibrate_bn
+from emq.nn.layers import SwitchableBatchNorm2d, set_bits
+from emq.nn.models import build_model, load_trained
 from emq.results import ResultsStore
-from emq.training import multibit_step, soft_cross_entropy, train
+from emq.training.loop import multibit_step, soft_cross_entropy, train
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
@@ -172,9 +172,9 @@ def test_a_finished_run_is_read_back_not_recomputed(finished, data, monkeypatch)
     def boom(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
 
-    monkeypatch.setattr(emq.training, "multibit_step", boom)
-    monkeypatch.setattr(emq.training, "load_data", boom)
-    monkeypatch.setattr(emq.training, "build_model", boom)
+    monkeypatch.setattr(emq.training.loop, "multibit_step", boom)
+    monkeypatch.setattr(emq.training.loop, "load_data", boom)
+    monkeypatch.setattr(emq.training.loop, "build_model", boom)
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished.path.iterdir() if p.is_file()}
     again = train(tiny(), ResultsStore(finished.path.parents[1]), device="cpu", progress=False)
     assert again.path == finished.path and again.finished
@@ -218,8 +218,8 @@ def test_evaluations_are_cached_in_evals_json(finished, data, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a cached evaluation was recomputed")
 
-    monkeypatch.setattr(emq.evaluation, "evaluate_bits", boom)
-    monkeypatch.setattr(emq.evaluation, "load_trained", boom)
+    monkeypatch.setattr(emq.analysis.evaluation, "evaluate_bits", boom)
+    monkeypatch.setattr(emq.analysis.evaluation, "load_trained", boom)
     assert evaluate_run(finished, [3, 2]) == {3: first[3], 2: first[2]}
 
 
