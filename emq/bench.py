@@ -28,20 +28,16 @@ from pathlib import Path
 import torch
 
 from emq.book.chapter import repo_root
-from emq.config import load_config
-from emq.data.load import load_data
 from emq.book.grids import train_all
+from emq.config import ModelConfig, QuantConfig, load_config
+from emq.data.load import load_data
 from emq.methods import method_config
-from emq.nn.models import build_model
+from emq.nn.models import build_model, make_model
 from emq.results import ResultsStore
-from emq.training.loop import multibit_step
-from emq.training.distributed import resolve_device
 from emq.training.coresets import cost_ratio, total_passes, training_time
-from emq.training.loop import train
-from emq.config import ModelConfig, QuantConfig
-from emq.nn.models import make_model
-from emq.training.speed import autocast, prepare_input, prepare_model
-from emq.training.speed import Speed
+from emq.training.distributed import resolve_device
+from emq.training.loop import multibit_step, train
+from emq.training.speed import Speed, autocast, prepare_input, prepare_model
 
 
 def step_times(profile: str, method: str, repeats: int, device: str) -> dict:

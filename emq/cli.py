@@ -12,18 +12,18 @@ import signal
 import subprocess
 import sys
 
-from emq.training import distributed
-from emq.config import PROFILES, ConfigError, load_config, parse_overrides
-from emq.data.datasets import DataError, fetch_fashion_mnist
-from emq.data.check import missing_pieces
 from emq.analysis.evaluation import evaluate_run
+from emq.bench import main as bench_main
 from emq.book.grids import GRIDS, grid_cells, run_grid
+from emq.config import PROFILES, ConfigError, load_config, parse_overrides
+from emq.data.check import missing_pieces
+from emq.data.datasets import DataError, fetch_fashion_mnist
 from emq.methods import METHODS, method_configs
 from emq.quant.quantizers import check_bits
 from emq.results import ResultsStore, Run
-from emq.training.loop import TrainingInterrupted, train
+from emq.training import distributed
 from emq.training.distributed import resolve_device
-from emq.bench import main as bench_main
+from emq.training.loop import TrainingInterrupted, train
 
 
 def _bits_list(text: str) -> list[int]:

@@ -146,7 +146,7 @@ class RunConfig:
                 out[section] = changed
         return out
 
-    def portable(self) -> "RunConfig":
+    def portable(self) -> RunConfig:
         """This config with the location of the data reset to its default: what a run folder
         stores, so that a clone of the store at any path reads the same runs."""
         return dataclasses.replace(self, data=dataclasses.replace(self.data, root=DataConfig.root))
@@ -161,7 +161,7 @@ class RunConfig:
         blob = json.dumps(self.portable().non_default(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-    def with_overrides(self, overrides: dict | list[str] | None) -> "RunConfig":
+    def with_overrides(self, overrides: dict | list[str] | None) -> RunConfig:
         """A copy with dotted overrides applied, e.g. ``{"train.epochs": 3}`` or ``["train.epochs=3"]``."""
         merged = self.to_dict()
         for key, value in parse_overrides(overrides).items():
@@ -311,7 +311,8 @@ def validate(cfg: RunConfig) -> None:
         except ValueError as e:
             raise ConfigError(f"config key 'train.bits': {e}") from None
     if not 0.0 <= cfg.train.stochastic_precision <= 1.0:
-        raise ConfigError(f"config key 'train.stochastic_precision' must be in [0, 1], got {cfg.train.stochastic_precision}")
+        raise ConfigError("config key 'train.stochastic_precision' must be in [0, 1], "
+                          f"got {cfg.train.stochastic_precision}")
     if not 0 < cfg.quant.steepness_start <= cfg.quant.steepness_end:
         raise ConfigError("config keys 'quant.steepness_start' and 'quant.steepness_end' need "
                           f"0 < start <= end, got {cfg.quant.steepness_start} and {cfg.quant.steepness_end}")

@@ -20,8 +20,8 @@ from torch import nn
 
 from emq.config import ConfigError, RunConfig, from_dict, load_config
 from emq.data.load import load_data
-from emq.nn.layers import QConv2d, QuantWeightMixin, SwitchableBatchNorm2d, active_norms, set_bits
 from emq.methods import method_config
+from emq.nn.layers import QConv2d, QuantWeightMixin, SwitchableBatchNorm2d, active_norms, set_bits
 from emq.nn.models import AnyPrecisionBlock, make_model
 from emq.results import ResultsStore
 from emq.training.loop import best_epoch, learning_rate, make_optimizer, train

@@ -11,11 +11,10 @@ import torchvision
 from torch import nn
 
 from emq.config import ModelConfig, QuantConfig, RunConfig
-from emq.nn.layers import QAct, QConv2d, QLinear, SwitchableBatchNorm2d, set_bits
+from emq.nn.layers import QAct, QConv2d, QLinear, SwitchableBatchNorm2d, SwitchableLayerNorm, set_bits
 from emq.nn.models import make_model
 from emq.nn.swap import swap_modules
 from emq.training.loop import multibit_step
-from emq.nn.layers import SwitchableLayerNorm
 
 BITS = (2, 4, 32)
 # arch -> (input side, channels): small inputs, as the CPU tests can afford

@@ -119,7 +119,7 @@ class Page(HTMLParser):
             self.text.append(data)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse(path: Path) -> Page:
     return Page(path)
 

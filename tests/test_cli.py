@@ -106,7 +106,8 @@ BAD_INPUT = {
     "resume without a checkpoint": (["train", *TINY, "--set", "train.seed=7", "--resume"],
                                     ["--resume: run", "has no checkpoint"]),
     "pruning ratio outside [0, 1)": (["train", *TINY, "--set", "coreset.prune=1.0"], ["'coreset.prune'", "[0, 1)"]),
-    "coreset smaller than one batch": (["train", *TINY, "--set", "coreset.prune=0.6", "--set", "coreset.warmup_epochs=0"],
+    "coreset smaller than one batch": (["train", *TINY, "--set", "coreset.prune=0.6",
+                                        "--set", "coreset.warmup_epochs=0"],
                                        ["keeps 51 of 128 training images, fewer than one batch of 64"]),
 }
 

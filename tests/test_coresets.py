@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from emq.config import ConfigError, ModelConfig, QuantConfig, load_config
+from emq.data.load import load_data
+from emq.nn.layers import set_bits
+from emq.nn.models import make_model
+from emq.results import ResultsStore
 from emq.training.coresets import (
     LightweightScores,
     Schedule,
@@ -27,10 +31,6 @@ from emq.training.coresets import (
     select_shards,
     total_passes,
 )
-from emq.data.load import load_data
-from emq.nn.layers import set_bits
-from emq.nn.models import make_model
-from emq.results import ResultsStore
 from emq.training.loop import bitwise_step, multibit_step, train
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"

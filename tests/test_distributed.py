@@ -11,7 +11,6 @@ rounding turns a tiny difference into a flipped level now and then).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,9 +25,9 @@ from torch import nn
 from emq.cli import main
 from emq.config import ConfigError, load_config
 from emq.data.load import load_data
-from emq.training.distributed import GlobalBatchNorm2d, Parallel, prepare_model, wrap
 from emq.nn.models import build_model
 from emq.results import ResultsStore
+from emq.training.distributed import GlobalBatchNorm2d, Parallel, prepare_model, wrap
 from emq.training.loop import multibit_step, train
 
 ROOT = Path(__file__).resolve().parents[1]

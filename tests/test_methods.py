@@ -7,14 +7,14 @@ import torch
 
 from emq.config import ConfigError, RunConfig, load_config
 from emq.data.load import load_data
-from emq.nn.layers import set_bits
 from emq.methods import METHODS, method_config, method_configs
+from emq.nn.layers import set_bits
 from emq.nn.models import make_model
-from emq.training.recipes import step_configure
-from emq.results import ResultsStore
-from emq.quant.schemes import DoubleRoundingQuantizer, ShiftQuantizer
 from emq.nn.storage import stored_bytes
+from emq.quant.schemes import DoubleRoundingQuantizer, ShiftQuantizer
+from emq.results import ResultsStore
 from emq.training.loop import init_from_run, make_companion, multibit_step, train
+from emq.training.recipes import step_configure
 
 BITS = (2, 4, 8, 32)
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emq.analysis.probes import extract_features, fit_probe, probe_accuracy, transfer_probe
 from emq.config import ModelConfig, QuantConfig
 from emq.data.datasets import TensorSplit
 from emq.nn.models import make_model
-from emq.analysis.probes import extract_features, fit_probe, probe_accuracy, transfer_probe
 
 
 def clusters(n_per_class=60, classes=4, dim=8, seed=0):

@@ -11,12 +11,20 @@ from emq.config import load_config
 from emq.data.load import load_data
 from emq.nn.layers import QAct, QConv2d
 from emq.nn.models import make_model
-from emq.training.recipes import (active_bits, act_bits, kd_loss, quantized_blocks, quantized_share, stage, steepness,
-                         step_configure)
-from emq.results import ResultsStore
 from emq.quant.schemes import DoubleRoundingQuantizer
 from emq.quant.shiftbit import shift_scaled, shift_slope, shift_soft
-from emq.training.loop import multibit_step, make_companion, train
+from emq.results import ResultsStore
+from emq.training.loop import make_companion, multibit_step, train
+from emq.training.recipes import (
+    act_bits,
+    active_bits,
+    kd_loss,
+    quantized_blocks,
+    quantized_share,
+    stage,
+    steepness,
+    step_configure,
+)
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
@@ -29,7 +37,8 @@ def train_cfg(**overrides):
 
 def test_progressive_bits_adds_bit_widths_high_to_low_in_equal_shares_of_the_steps():
     t = train_cfg(**{"train.progressive": "bits", "train.bits": [2, 4, 8, 32]})
-    assert [active_bits(t, s, 8) for s in range(8)] == [(32,)] * 2 + [(32, 8)] * 2 + [(32, 8, 4)] * 2 + [(32, 8, 4, 2)] * 2
+    assert [active_bits(t, s, 8) for s in range(8)] == ([(32,)] * 2 + [(32, 8)] * 2 + [(32, 8, 4)] * 2
+                                                         + [(32, 8, 4, 2)] * 2)
     assert active_bits(train_cfg(), 0, 8) == (32, 8, 4, 2)  # off: all bit-widths from the first step
 
 

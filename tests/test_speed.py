@@ -14,8 +14,8 @@ from emq.config import TrainConfig, from_dict, load_config
 from emq.data.load import load_data
 from emq.nn.models import build_model
 from emq.results import ResultsStore
-from emq.training.speed import Speed, autocast, prepare_input, prepare_model, resolve_speed
 from emq.training.loop import train
+from emq.training.speed import Speed, autocast, prepare_input, prepare_model, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"
@@ -25,7 +25,8 @@ needs_data = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train
                                 reason="Fashion-MNIST not under data/ (python -m emq data fetch)")
 
 
-@pytest.mark.parametrize("folder", sorted((ROOT / "results" / "runs").glob("*/config.json")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("folder", sorted((ROOT / "results" / "runs").glob("*/config.json")),
+                         ids=lambda p: p.parent.name)
 def test_every_stored_run_still_hashes_to_its_folder(folder):
     assert from_dict(json.loads(folder.read_text())).hash() == folder.parent.name
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 import emq.analysis.evaluation
 import emq.training.loop
+from emq.analysis.evaluation import evaluate, evaluate_run, recalibrate_bn
 from emq.config import ConfigError, load_config
 from emq.data.load import load_data
-from emq.analysis.evaluation import evaluate, evaluate_run, recalibrate_bn
 from emq.nn.layers import SwitchableBatchNorm2d, set_bits
 from emq.nn.models import build_model, load_trained
 from emq.results import ResultsStore
@@ -121,7 +121,8 @@ def test_the_store_reopens_a_run_folder_of_the_same_config_and_rejects_an_edited
     first = store.run(tiny())
     assert store.run(tiny()).path == first.path  # config.json holds bits as a list, the config a tuple
     assert store.open(first.path).config == tiny()
-    (first.path / "config.json").write_text((first.path / "config.json").read_text().replace('"epochs": 2', '"epochs": 3'))
+    stored = first.path / "config.json"
+    stored.write_text(stored.read_text().replace('"epochs": 2', '"epochs": 3'))
     with pytest.raises(ConfigError, match="holds another config"):
         store.run(tiny())
 

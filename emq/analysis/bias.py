@@ -70,7 +70,8 @@ def preactivation_shift(model: nn.Module, x: torch.Tensor, bits: list[int],
     model.eval()
     inputs: dict[str, torch.Tensor] = {}
     layers = {n: m for n, m in quantized_layers(model).items() if isinstance(m, nn.Conv2d)}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: inputs.__setitem__(n, inp[0])) for n, m in layers.items()]
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: inputs.__setitem__(n, inp[0]))
+             for n, m in layers.items()]
     set_bits(model, FULL_PRECISION)
     model(x)
     for h in hooks:

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from emq.data.datasets import TensorSplit
-
 from emq.data.load import load_data
 from emq.nn.layers import active_norms, set_bits
 from emq.nn.models import load_trained

@@ -55,7 +55,8 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ri
     target = F.one_hot(labels, num_classes).double()
     bias = target.mean(0)
     zc = z - z.mean(0)
-    weight = torch.linalg.solve(zc.T @ zc + ridge * len(z) * torch.eye(z.shape[1], dtype=z.dtype), zc.T @ (target - bias))
+    gram = zc.T @ zc + ridge * len(z) * torch.eye(z.shape[1], dtype=z.dtype)
+    weight = torch.linalg.solve(gram, zc.T @ (target - bias))
     return Probe(mean, std, weight, bias - z.mean(0) @ weight)
 
 

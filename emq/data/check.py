@@ -67,6 +67,8 @@ def missing_pieces(name: str, root: str | Path) -> list[str]:
         val, bad_val = _class_folders(name, root / "val")
         out += bad_train + bad_val
         if train and val:
-            out += [f"{root / 'val' / c}: missing (class of train/ not in val/)" for c in sorted(set(train) - set(val))]
-            out += [f"{root / 'train' / c}: missing (class of val/ not in train/)" for c in sorted(set(val) - set(train))]
+            out += [f"{root / 'val' / c}: missing (class of train/ not in val/)"
+                    for c in sorted(set(train) - set(val))]
+            out += [f"{root / 'train' / c}: missing (class of val/ not in train/)"
+                    for c in sorted(set(val) - set(train))]
     return out

@@ -49,7 +49,7 @@ class TensorSplit:
     def image_size(self) -> int:
         return self.x.shape[-1]
 
-    def subset(self, index: torch.Tensor) -> "TensorSplit":
+    def subset(self, index: torch.Tensor) -> TensorSplit:
         return TensorSplit(self.x[index], self.y[index], self.mean, self.std, self.pad)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,8 @@ def fetch_fashion_mnist(root: str | Path, log: Callable[[str], None] = print) ->
             raise DataError(f"cannot put Fashion-MNIST into {raw}: {folder} is a file, not a folder")
     if not DEBIAN_DIR.is_dir() and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
         log("installing Debian's dataset-fashion-mnist with apt-get")
-        cmd = "apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)"
+        install = "apt-get install -y -qq dataset-fashion-mnist"
+        cmd = f"{install} || (apt-get update -qq && {install})"
         subprocess.run(["bash", "-c", cmd], check=False, stdout=subprocess.DEVNULL)
     if DEBIAN_DIR.is_dir():
         try:
@@ -213,7 +214,7 @@ def _cifar_files(cls: type) -> list[tuple[str, str | None]]:
     return [(f, md5) for f, md5 in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
 
 
-def _cifar_split(ds: "CIFAR10") -> tuple[torch.Tensor, torch.Tensor]:
+def _cifar_split(ds: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
     """A torchvision CIFAR split (N x 32 x 32 x 3 numpy) as uint8 N x 3 x 32 x 32 and int64 labels."""
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(ds.targets, dtype=torch.long)
@@ -256,7 +257,7 @@ def load_cifar100(root: str | Path) -> Dataset:
 
 
 # Image folders (Tiny ImageNet, ImageNet): decoded once into uint8 tensors
-def _image_tensor(img: "Image", size: int) -> torch.Tensor:
+def _image_tensor(img: Image, size: int) -> torch.Tensor:
     """A PIL image as uint8 3 x size x size: shorter side resized to ``size``, then center-cropped."""
     from torchvision.transforms import functional as TF
 
@@ -266,7 +267,7 @@ def _image_tensor(img: "Image", size: int) -> torch.Tensor:
     return TF.pil_to_tensor(img)
 
 
-def _decode(name: str, samples: list[tuple[str, int]], loader: Callable[[str], "Image"], size: int, where: Path,
+def _decode(name: str, samples: list[tuple[str, int]], loader: Callable[[str], Image], size: int, where: Path,
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode ``(path, label)`` samples into uint8 N x 3 x size x size images and int64 labels."""
     if not samples:

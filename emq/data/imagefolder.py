@@ -51,7 +51,7 @@ def _transform(image_size: int, augment: bool):
 class _Images(torch.utils.data.Dataset):
     """Sample ``k`` of a split as (uint8 3 x S x S, label, k), augmented from seed (seed, epoch, k)."""
 
-    def __init__(self, split: "ImageFolderSplit", augment: bool, seed: int, epoch: int):
+    def __init__(self, split: ImageFolderSplit, augment: bool, seed: int, epoch: int):
         self.split, self.transform, self.seed, self.epoch = split, _transform(split.image_size, augment), seed, epoch
         self.augment = augment
 
@@ -90,7 +90,7 @@ class ImageFolderSplit:
     def y(self) -> torch.Tensor:
         return torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
-    def subset(self, index: torch.Tensor) -> "ImageFolderSplit":
+    def subset(self, index: torch.Tensor) -> ImageFolderSplit:
         return ImageFolderSplit([self.samples[i] for i in index.tolist()], self.loader, self.image_size, self.workers,
                                 self.mean, self.std)
 

@@ -12,14 +12,13 @@ import torch
 from torch import nn
 
 from emq.config import ModelConfig, QuantConfig, RunConfig, register
-from emq.errors import ConfigError
 from emq.data.load import load_data
 from emq.nn.layers import QConv2d, QLinear, QuantWeightMixin, make_norm
 from emq.nn.resnets import resnet18, resnet50
-from emq.results import load_state, load_torch
-from emq.quant.schemes import make_weight_quantizer
 from emq.nn.swap import make_act
 from emq.nn.vit import vit_tiny
+from emq.quant.schemes import make_weight_quantizer
+from emq.results import load_state, load_torch
 
 
 class Block(nn.Module):

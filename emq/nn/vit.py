@@ -23,8 +23,6 @@ the linear weights unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn

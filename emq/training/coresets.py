@@ -124,7 +124,8 @@ def coreset_size(labels: torch.Tensor, prune: float, class_balanced: bool = Fals
     return sum(round((1 - prune) * int(c)) for c in torch.bincount(labels) if c > 0)
 
 
-def select_coreset(scores: torch.Tensor, labels: torch.Tensor, prune: float, class_balanced: bool = False) -> torch.Tensor:
+def select_coreset(scores: torch.Tensor, labels: torch.Tensor, prune: float,
+                   class_balanced: bool = False) -> torch.Tensor:
     """Sorted indices of the ``round((1 - p) N)`` highest scores (of every class, when balanced).
 
     Ties go to the lower index (a stable sort), so the selection is deterministic.
@@ -141,7 +142,8 @@ def select_coreset(scores: torch.Tensor, labels: torch.Tensor, prune: float, cla
     return torch.cat(parts).sort().values
 
 
-def select_shards(n: int, size: int, bits: tuple[int, ...], offset: int, generator: torch.Generator) -> dict[int, torch.Tensor]:
+def select_shards(n: int, size: int, bits: tuple[int, ...], offset: int,
+                  generator: torch.Generator) -> dict[int, torch.Tensor]:
     """Disjoint random blocks of ``size`` samples: the i-th bit-width (high to low) takes block ``i + offset``."""
     order = sorted(bits, reverse=True)
     if (len(order) + offset) * size > n:

@@ -19,17 +19,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from emq.training import distributed, speed as speedups
 from emq.config import ConfigError, RunConfig
-from emq.training.coresets import LightweightScores, bitwise_batches, is_active, make_schedule, select_subsets, selects_at
 from emq.data.datasets import Dataset
 from emq.data.load import load_data
 from emq.nn.layers import set_bits
 from emq.nn.models import build_model
 from emq.quant.quantizers import FULL_PRECISION
-from emq.training.recipes import Configure, active_bits, kd_loss, step_configure, steepness
 from emq.quant.schemes import set_steepness
 from emq.results import ResultsStore, Run, env_info, load_state, load_torch, save_torch, write_json
+from emq.training import distributed
+from emq.training import speed as speedups
+from emq.training.coresets import (
+    LightweightScores,
+    bitwise_batches,
+    is_active,
+    make_schedule,
+    select_subsets,
+    selects_at,
+)
+from emq.training.recipes import Configure, active_bits, kd_loss, steepness, step_configure
 
 
 def soft_cross_entropy(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
