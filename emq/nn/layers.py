@@ -26,8 +26,8 @@ class MultiBit(nn.Module):
 class QuantWeightMixin(MultiBit):
     """Effective weight ``W_b``: ``Q_b(W)``, bias-corrected towards ``Q_32(W)`` for b < 32.
 
-    ``Q_b`` is DoReFa (METHOD.md §1) unless a ``weight_quantizer`` module of another scheme
-    (:mod:`emq.quant.schemes`) is set; it is then called as ``weight_quantizer(W, b)``.
+    ``Q_b`` is the ``weight_quantizer`` module of the config's scheme (:mod:`emq.quant.schemes`),
+    called as ``weight_quantizer(W, b)``; a layer never configured quantizes with DoReFa (METHOD.md §1).
     """
 
     correction: str = "none"
@@ -72,7 +72,7 @@ class QLinear(nn.Linear, QuantWeightMixin):
 class QAct(MultiBit):
     """Activation: ``q_b(x)`` for b < 32; at 32 bits ``fp_act`` ("relu" or "clamp" to [0, 1]).
 
-    With a ``quantizer`` module of another scheme (:mod:`emq.quant.schemes`), b < 32 uses it instead.
+    With the ``quantizer`` module of a scheme (:mod:`emq.quant.schemes`), b < 32 uses it instead.
     """
 
     def __init__(self, fp_act: str = "relu", quantizer: nn.Module | None = None):

@@ -1,8 +1,10 @@
 """Quantization schemes by name: a config names one for the weights and one for the
 activations, and this builds the module each layer calls as ``quantizer(x, bits)``.
 
-``dorefa`` (METHOD.md §1) is stateless and built into the layers, so it maps to ``None``; the
-others hold learnable parameters (LSQ steps, QIL intervals, a Double Rounding scale).
+Every scheme is a module called as ``quantizer(x, bits)``: ``dorefa`` (METHOD.md §1) holds no
+state; the others hold learnable parameters (LSQ steps, QIL intervals, a Double Rounding scale).
+A quantizer whose shape changes over training (shift-bit's steepness) is a
+:class:`ScheduledQuantizer`: the training loop calls :func:`advance_schedules` before every step.
 """
 from __future__ import annotations
 
@@ -16,30 +18,60 @@ from emq.config import register
 from emq.quant.double_rounding import double_rounding, int_range
 from emq.quant.lsq import LSQQuantizer
 from emq.quant.qil import QILQuantizer
-from emq.quant.quantizers import FULL_PRECISION
-from emq.quant.shiftbit import shift_hard, shift_scaled
+from emq.quant.quantizers import FULL_PRECISION, quantize_activation, quantize_weight
+from emq.quant.shiftbit import shift_hard, shift_scaled, steepness_at
 from emq.quant.ste import scale_grad
 
 
-class ShiftQuantizer(nn.Module):
-    """Power-of-two weights: the gradient-scaled soft staircase at ``steepness`` while training,
-    hard in eval. The training loop raises ``steepness`` over training (``set_steepness``)."""
+class DoReFaWeight(nn.Module):
+    """DoReFa's ``Q_b(W)`` (:func:`emq.quant.quantizers.quantize_weight`), scaled by ``mean|W|`` if asked."""
 
-    def __init__(self, steepness: float = 10.0):
+    def __init__(self, scale_by_mean: bool = False):
+        super().__init__()
+        self.scale_by_mean = scale_by_mean
+
+    def forward(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        return quantize_weight(w, bits, self.scale_by_mean)
+
+
+class DoReFaAct(nn.Module):
+    """DoReFa's ``q_b(x)`` (:func:`emq.quant.quantizers.quantize_activation`)."""
+
+    def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        return quantize_activation(x, bits)
+
+
+class ScheduledQuantizer(nn.Module):
+    """A quantizer with a schedule: ``at_step(step, total)`` sets it for training step ``step`` of ``total``."""
+
+    def at_step(self, step: int, total: int) -> None:
+        raise NotImplementedError
+
+
+def advance_schedules(model: nn.Module, step: int, total: int) -> None:
+    """Set every scheduled quantizer of ``model`` for training step ``step`` of ``total``."""
+    for m in model.modules():
+        if isinstance(m, ScheduledQuantizer):
+            m.at_step(step, total)
+
+
+class ShiftQuantizer(ScheduledQuantizer):
+    """Power-of-two weights: the gradient-scaled soft staircase at ``steepness`` while training,
+    hard in eval. Its schedule raises ``steepness`` geometrically from ``start`` to ``end``
+    (:func:`emq.quant.shiftbit.steepness_at`; ``end`` None: constant)."""
+
+    def __init__(self, steepness: float = 10.0, end: float | None = None):
         super().__init__()
         self.register_buffer("steepness", torch.tensor(float(steepness)))
+        self.start, self.end = steepness, steepness if end is None else end
+
+    def at_step(self, step: int, total: int) -> None:
+        self.steepness.fill_(steepness_at(self.start, self.end, step, total))
 
     def forward(self, w: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == FULL_PRECISION:
             return w
         return shift_scaled(w, bits, float(self.steepness)) if self.training else shift_hard(w, bits)
-
-
-def set_steepness(model: nn.Module, steepness: float) -> None:
-    """Set the soft staircase's steepness of every shift-bit quantizer of ``model``."""
-    for m in model.modules():
-        if isinstance(m, ShiftQuantizer):
-            m.steepness.fill_(steepness)
 
 
 class DoubleRoundingQuantizer(nn.Module):
@@ -86,15 +118,15 @@ def _highest(bits: tuple[int, ...]) -> int:
 
 
 # A builder takes the trained bit-widths and the quant config (for scheme options).
-WEIGHT_SCHEMES: dict[str, Callable[..., nn.Module | None]] = {
-    "dorefa": lambda bits, q: None,
+WEIGHT_SCHEMES: dict[str, Callable[..., nn.Module]] = {
+    "dorefa": lambda bits, q: DoReFaWeight(q.scale_by_mean),
     "lsq": lambda bits, q: LSQQuantizer(bits, signed=True),
     "qil": lambda bits, q: QILQuantizer(signed=True),
-    "shift": lambda bits, q: ShiftQuantizer(q.steepness_start),
+    "shift": lambda bits, q: ShiftQuantizer(q.steepness_start, q.steepness_end),
     "double_rounding": lambda bits, q: DoubleRoundingQuantizer(_highest(bits), q.alrs),
 }
-ACT_SCHEMES: dict[str, Callable[..., nn.Module | None]] = {
-    "dorefa": lambda bits, q: None,
+ACT_SCHEMES: dict[str, Callable[..., nn.Module]] = {
+    "dorefa": lambda bits, q: DoReFaAct(),
     "lsq": lambda bits, q: LSQQuantizer(bits, signed=False),
     "qil": lambda bits, q: QILQuantizer(signed=False),
 }
@@ -121,15 +153,15 @@ register("quant.act_quantizer", ACT_SCHEMES)
 register("scheme bits", check_scheme_bits)
 
 
-def make_weight_quantizer(q, bits: tuple[int, ...]) -> nn.Module | None:
-    """The weight quantizer module of ``q.weight_quantizer`` (``None`` for DoReFa)."""
+def make_weight_quantizer(q, bits: tuple[int, ...]) -> nn.Module:
+    """The weight quantizer module of ``q.weight_quantizer``."""
     if q.weight_quantizer not in WEIGHT_SCHEMES:
         raise ValueError(f"unknown weight quantizer {q.weight_quantizer!r}: use one of {', '.join(WEIGHT_SCHEMES)}")
     return WEIGHT_SCHEMES[q.weight_quantizer](bits, q)
 
 
-def make_act_quantizer(q, bits: tuple[int, ...]) -> nn.Module | None:
-    """The activation quantizer module of ``q.act_quantizer`` (``None`` for DoReFa)."""
+def make_act_quantizer(q, bits: tuple[int, ...]) -> nn.Module:
+    """The activation quantizer module of ``q.act_quantizer``."""
     if q.act_quantizer not in ACT_SCHEMES:
         raise ValueError(f"unknown activation quantizer {q.act_quantizer!r}: use one of {', '.join(ACT_SCHEMES)}")
     return ACT_SCHEMES[q.act_quantizer](bits, q)

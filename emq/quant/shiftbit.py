@@ -78,3 +78,8 @@ def shift_hard(w: torch.Tensor, bits: int, alpha: torch.Tensor | None = None) ->
     _, levels, thresholds, _ = _staircase(w, bits, alpha)
     idx = torch.bucketize(w.abs(), thresholds, right=True)
     return torch.sign(w) * levels[idx]
+
+
+def steepness_at(start: float, end: float, step: int, total: int) -> float:
+    """The soft staircase's steepness at ``step`` of ``total``: geometric from ``start`` to ``end``."""
+    return start * (end / start) ** (step / max(1, total - 1))

@@ -17,8 +17,9 @@ The lightweight mode reads EL2N or loss from the logits training computes anyway
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +30,6 @@ from emq.config import register
 from emq.data.sampling import _mix
 from emq.errors import ConfigError
 from emq.nn.layers import set_bits
-
-SCORES = ("el2n", "grand", "grand_last", "loss", "random", "shard")
-MODES = ("static", "dynamic", "lightweight")
-LIGHTWEIGHT_SCORES = ("el2n", "loss")
-register("coreset.score", SCORES)
-register("coreset.mode", MODES)
-register("lightweight scores", LIGHTWEIGHT_SCORES)
 
 
 # ---- scores ----------------------------------------------------------------------------------
@@ -73,6 +67,39 @@ def grand(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
 
 
+def grand_last_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`grand_last` of a model with ``features`` and a last linear layer ``fc``."""
+    h = model.features(x)
+    return grand_last(model.fc(h), h, y)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A per-sample score: ``of_batch(model, x, y)`` scores a batch; ``from_logits(logits, y)``, where
+    the training step's logits suffice (``coreset.mode`` lightweight); ``backward``: it costs a
+    backward pass per sample (and runs on quarter batches, with gradients)."""
+
+    of_batch: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    from_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    backward: bool = False
+
+
+# The per-sample scores by name (``coreset.score``): a new score is a function and an entry here.
+SAMPLE_SCORES: dict[str, Score] = {
+    "el2n": Score(lambda model, x, y: el2n(model(x), y), from_logits=el2n),
+    "grand": Score(grand, backward=True),
+    "grand_last": Score(grand_last_of),
+    "loss": Score(lambda model, x, y: loss_score(model(x), y), from_logits=loss_score),
+}
+# random: uniform scores, no pass; shard: disjoint random blocks, one per bit-width (select_shards)
+SCORES = (*SAMPLE_SCORES, "random", "shard")
+LIGHTWEIGHT_SCORES = tuple(name for name, s in SAMPLE_SCORES.items() if s.from_logits is not None)
+MODES = ("static", "dynamic", "lightweight")
+register("coreset.score", SCORES)
+register("coreset.mode", MODES)
+register("lightweight scores", LIGHTWEIGHT_SCORES)
+
+
 @dataclass
 class Passes:
     """Sample-passes of one bit-width: forward and backward."""
@@ -91,22 +118,15 @@ def score_split(model: nn.Module, split, bits: int, score: str, *, batch_size: i
     n = len(split)
     if score == "random":
         return torch.rand(n, generator=generator), Passes()
-    if score not in ("el2n", "loss", "grand_last", "grand"):
-        raise ValueError(f"score {score!r} is not a per-sample score: use el2n, grand, grand_last, loss or random")
+    if score not in SAMPLE_SCORES:
+        raise ValueError(f"score {score!r} is not a per-sample score: use {', '.join(SAMPLE_SCORES)} or random")
+    s = SAMPLE_SCORES[score]
     set_bits(model.eval(), bits)
     out = []
-    for x, y, _ in split.batches(batch_size if score != "grand" else max(1, batch_size // 4), device=device):
-        if score == "grand":
-            out.append(grand(model, x, y).detach().cpu())
-            continue
-        with torch.no_grad():
-            if score == "grand_last":
-                h = model.features(x)
-                out.append(grand_last(model.fc(h), h, y).cpu())
-            else:
-                logits = model(x)
-                out.append((el2n if score == "el2n" else loss_score)(logits, y).cpu())
-    return torch.cat(out), Passes(n, n if score == "grand" else 0)
+    for x, y, _ in split.batches(max(1, batch_size // 4) if s.backward else batch_size, device=device):
+        with contextlib.nullcontext() if s.backward else torch.no_grad():
+            out.append(s.of_batch(model, x, y).detach().cpu())
+    return torch.cat(out), Passes(n, n if s.backward else 0)
 
 
 # ---- selection -------------------------------------------------------------------------------
@@ -164,8 +184,7 @@ class LightweightScores:
         self.values = state or {b: torch.full((n,), math.inf) for b in bits}
 
     def update(self, bits: int, index: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        fn = el2n if self.score == "el2n" else loss_score
-        self.values[bits][index] = fn(logits.detach(), y).cpu()
+        self.values[bits][index] = SAMPLE_SCORES[self.score].from_logits(logits.detach(), y).cpu()
 
 
 # ---- schedule --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from emq.data.load import load_data
 from emq.nn.layers import set_bits
 from emq.nn.models import build_model
 from emq.quant.quantizers import FULL_PRECISION
-from emq.quant.schemes import set_steepness
+from emq.quant.schemes import advance_schedules
 from emq.results import ResultsStore, Run, env_info, load_state, load_torch, save_torch, write_json
 from emq.training import distributed
 from emq.training import speed as speedups
@@ -37,7 +37,7 @@ from emq.training.coresets import (
     select_subsets,
     selects_at,
 )
-from emq.training.recipes import Configure, active_bits, kd_loss, steepness, step_configure
+from emq.training.recipes import Configure, active_bits, kd_loss, step_configure
 
 
 def soft_cross_entropy(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -357,8 +357,7 @@ def train(cfg: RunConfig, store: ResultsStore, *, device: str = "auto", progress
                         group["lr"] = learning_rate(cfg, state.step, total, steps_per_epoch, epoch)
                     o.zero_grad(set_to_none=True)
                 bits = active_bits(t, state.step, total)
-                if cfg.quant.weight_quantizer == "shift":  # the only scheme with a steepness
-                    set_steepness(model, steepness(cfg.quant, state.step, total))
+                advance_schedules(model, state.step, total)  # e.g. shift-bit's steepness
                 configure = step_configure(t, model, state.step, total)
                 with speedups.autocast(speed, dev):
                     if pruning:

@@ -29,6 +29,7 @@ from torch import nn
 from emq.config import ConfigError, QuantConfig, TrainConfig
 from emq.nn.layers import set_bits
 from emq.quant.quantizers import FULL_PRECISION
+from emq.quant.shiftbit import steepness_at
 
 Configure = Callable[[nn.Module, int], None]
 
@@ -71,7 +72,7 @@ def quantized_blocks(n: int, share: float, seed: int, step: int) -> torch.Tensor
 
 def steepness(q: QuantConfig, step: int, total: int) -> float:
     """The shift-bit steepness at ``step``: geometric from ``steepness_start`` to ``steepness_end``."""
-    return q.steepness_start * (q.steepness_end / q.steepness_start) ** (step / max(1, total - 1))
+    return steepness_at(q.steepness_start, q.steepness_end, step, total)
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
