@@ -36,7 +36,7 @@ from emq.nn.models import build_model, make_model
 from emq.results import ResultsStore
 from emq.training.coresets import cost_ratio, total_passes, training_time
 from emq.training.distributed import resolve_device
-from emq.training.loop import multibit_step, train
+from emq.training.loop import shared_batch, train, train_step
 from emq.training.speed import Speed, autocast, prepare_input, prepare_model
 
 
@@ -53,7 +53,7 @@ def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
     def one(b):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        multibit_step(model, x, y, b, cfg.train.distill)
+        train_step(model, shared_batch(x, y, b), cfg.train.distill)
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -141,7 +141,7 @@ def throughput_times(arch: str, side: int, batch: int, classes: int, bits: tuple
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast(speed, dev):
-            multibit_step(step_model, x, y, b)
+            train_step(step_model, shared_batch(x, y, b))
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()

@@ -13,7 +13,7 @@ from emq.nn.models import make_model
 from emq.nn.storage import stored_bytes
 from emq.quant.schemes import DoubleRoundingQuantizer, ShiftQuantizer
 from emq.results import ResultsStore
-from emq.training.loop import init_from_run, make_companion, multibit_step, train
+from emq.training.loop import init_from_run, make_companion, shared_batch, train, train_step
 from emq.training.recipes import step_configure
 
 BITS = (2, 4, 8, 32)
@@ -43,7 +43,7 @@ def test_every_method_trains_a_few_steps(name):
         opt.zero_grad()
         # the schedules' last step (every block quantized, every stage reached), where all parameters train
         configure = step_configure(cfg.train, model, step=7, total=8)
-        losses.append(multibit_step(model, x, y, cfg.train.bits, cfg.train.distill, configure, companion))
+        losses.append(train_step(model, shared_batch(x, y, cfg.train.bits), cfg.train.distill, configure, companion)[0])
         if _ == 0:  # every learnable parameter, quantizer parameters included, gets a gradient
             missing = [k for k, p in model.named_parameters() if p.grad is None]
             assert not missing, missing

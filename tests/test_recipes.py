@@ -14,11 +14,11 @@ from emq.nn.models import make_model
 from emq.quant.schemes import DoubleRoundingQuantizer
 from emq.quant.shiftbit import shift_scaled, shift_slope, shift_soft
 from emq.results import ResultsStore
-from emq.training.loop import make_companion, multibit_step, train
+from emq.training.distill import kd_loss
+from emq.training.loop import make_companion, shared_batch, train, train_step
 from emq.training.recipes import (
     act_bits,
     active_bits,
-    kd_loss,
     quantized_blocks,
     quantized_share,
     stage,
@@ -89,7 +89,7 @@ def test_joint_distillation_trains_the_companion_from_labels_and_the_students():
     data = load_data(cfg.data)
     model, companion = make_model(cfg.model, cfg.quant, cfg.train.bits, 10, 1), make_companion(cfg, data, "cpu")
     x, y, _ = next(data.train.batches(32))
-    losses = multibit_step(model, x, y, cfg.train.bits, "joint", companion=companion, temperature=4.0)
+    losses, _ = train_step(model, shared_batch(x, y, cfg.train.bits), "joint", companion=companion, temperature=4.0)
     assert set(losses) == {*cfg.train.bits, "companion"}
     assert all(p.grad is not None for p in companion.parameters())
     assert losses[32] > F.cross_entropy(model(x), y).item()  # CE plus a positive KL term

@@ -21,7 +21,8 @@ from emq.data.load import load_data
 from emq.nn.layers import SwitchableBatchNorm2d, set_bits
 from emq.nn.models import build_model, load_trained
 from emq.results import ResultsStore
-from emq.training.loop import multibit_step, soft_cross_entropy, train
+from emq.training.distill import soft_cross_entropy
+from emq.training.loop import shared_batch, train, train_step
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
@@ -173,7 +174,7 @@ def test_a_finished_run_is_read_back_not_recomputed(finished, data, monkeypatch)
     def boom(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
 
-    monkeypatch.setattr(emq.training.loop, "multibit_step", boom)
+    monkeypatch.setattr(emq.training.loop, "train_step", boom)
     monkeypatch.setattr(emq.training.loop, "load_data", boom)
     monkeypatch.setattr(emq.training.loop, "build_model", boom)
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished.path.iterdir() if p.is_file()}
@@ -290,11 +291,11 @@ def expected_losses(model, x, y, bits, distill) -> dict[int, torch.Tensor]:
 
 
 @pytest.mark.parametrize("distill", ["recursive", "hard", "soft"])
-def test_multibit_step_losses_and_accumulated_gradients_follow_the_distill_mode(distill, data, batch):
+def test_the_step_losses_and_accumulated_gradients_follow_the_distill_mode(distill, data, batch):
     x, y = batch
     cfg = tiny(**{"train.distill": distill})
     model = build_model(cfg, data).train()
-    losses = multibit_step(model, x, y, cfg.train.bits, distill)
+    losses, _ = train_step(model, shared_batch(x, y, cfg.train.bits), distill)
     assert list(losses) == [32, 8, 4, 2]  # high to low
     step_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -308,7 +309,7 @@ def test_multibit_step_losses_and_accumulated_gradients_follow_the_distill_mode(
 
 def test_distill_modes_differ_below_the_top_bit_width(data, batch):
     x, y = batch
-    losses = {d: multibit_step(build_model(tiny(), data).train(), x, y, (2, 4, 8, 32), d)
+    losses = {d: train_step(build_model(tiny(), data).train(), shared_batch(x, y, (2, 4, 8, 32)), d)[0]
               for d in ("recursive", "hard", "soft")}
     assert losses["recursive"][32] == losses["hard"][32] == losses["soft"][32]
     assert losses["recursive"][8] == losses["soft"][8]  # 8 learns from 32 in both
@@ -325,7 +326,7 @@ def test_each_distill_mode_trains(distill, data, batch):
     fp_loss = []
     for _ in range(6):
         opt.zero_grad(set_to_none=True)
-        fp_loss.append(multibit_step(model, x, y, cfg.train.bits, distill)[32])
+        fp_loss.append(train_step(model, shared_batch(x, y, cfg.train.bits), distill)[0][32])
         opt.step()
     assert fp_loss[-1] < fp_loss[0]
     assert all(not torch.equal(p, start[k]) for k, p in model.named_parameters())

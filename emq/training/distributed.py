@@ -11,7 +11,7 @@ optimizer step as one process would on the whole batch.
 - Gradients: PyTorch's ``DistributedDataParallel`` (:func:`wrap`). A multi-bit step runs one
   forward and one backward pass per bit-width; each backward pass all-reduces that bit-width's
   gradients, so the accumulated gradient is the average over the processes of the whole
-  step's, and :func:`emq.training.loop.multibit_step` stays a plain function of the (wrapped) model.
+  step's, and :func:`emq.training.loop.train_step` stays a plain function of the (wrapped) model.
   ``find_unused_parameters`` because a pass leaves the switchable BNs of the other bit-widths
   unused. (One all-reduce per bit-width; ``no_sync()`` on all but the last would make it one
   per step, at the price of a step function that knows about DDP.)

@@ -14,7 +14,7 @@ and the position in training, so a resumed run takes the same decisions.
   ``train.stochastic_precision`` at the first step to 1 at the last.
 - Joint knowledge distillation: a full-precision companion trained alongside; each bit-width's
   loss is ``CE + T^2 KL(fp/T || q/T)``, the companion's ``CE + T^2 KL(q/T || fp/T)`` averaged
-  over the bit-widths.
+  over the bit-widths (the losses: :mod:`emq.training.distill`).
 - Shift-bit: the staircase's steepness grows geometrically from ``quant.steepness_start`` to
   ``quant.steepness_end`` over training.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from emq.config import ConfigError, QuantConfig, TrainConfig
@@ -99,10 +98,3 @@ def step_configure(t: TrainConfig, model: nn.Module, step: int, total: int) -> C
                     set_bits(block, FULL_PRECISION)
 
     return configure
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 KL(softmax(teacher/T) || softmax(student/T))``, batch mean; the teacher is detached."""
-    t = temperature
-    return t * t * F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher.detach() / t, dim=1),
-                            reduction="batchmean", log_target=True)
