@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY as TINY_2_EPOCHS
+from conftest import needs_data
 
 from emq.config import ConfigError, ModelConfig, QuantConfig, load_config
 from emq.data.load import load_data
@@ -34,10 +36,7 @@ from emq.training.coresets import (
 from emq.training.loop import shared_batch, train, train_step
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-HAVE_DATA = (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"Fashion-MNIST not under {DATA_ROOT}")
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 3}
+TINY = {**TINY_2_EPOCHS, "train.epochs": 3}
 PRUNED = {"coreset.prune": 0.5, "coreset.warmup_epochs": 1}  # 4 full-data steps, then 2 epochs of 2 steps
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY, needs_data
 from torch import nn
 
 from emq.cli import main
@@ -32,10 +33,6 @@ from emq.training.loop import shared_batch, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 2}
-needs_data = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-                                reason="Fashion-MNIST not under data/ (python -m emq data fetch)")
 
 
 def _spawn(fn, tmp: Path, *args) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_METHODS as TINY
 
 from emq.config import ConfigError, RunConfig, load_config
 from emq.data.load import load_data
@@ -18,8 +19,6 @@ from emq.training.recipes import step_configure
 
 BITS = (2, 4, 8, 32)
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
-        "train.epochs": 2}
 
 
 def tiny_model(cfg: RunConfig):

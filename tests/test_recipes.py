@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_METHODS as TINY
 
 from emq.config import load_config
 from emq.data.load import load_data
@@ -27,8 +28,6 @@ from emq.training.recipes import (
 )
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
-        "train.epochs": 2}
 
 
 def train_cfg(**overrides):

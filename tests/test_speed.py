@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_1_EPOCH as TINY
+from conftest import needs_data
 
 import emq.training.speed
 from emq.config import TrainConfig, from_dict, load_config
@@ -19,10 +21,6 @@ from emq.training.speed import Speed, autocast, prepare_input, prepare_model, re
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 1}
-needs_data = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-                                reason="Fashion-MNIST not under data/ (python -m emq data fetch)")
 
 
 @pytest.mark.parametrize("folder", sorted((ROOT / "results" / "runs").glob("*/config.json")),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 
 import emq.analysis.evaluation
 import emq.training.loop
@@ -25,8 +26,6 @@ from emq.training.distill import soft_cross_entropy
 from emq.training.loop import shared_batch, train, train_step
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 2}
 STEPS_PER_EPOCH, TOTAL_STEPS = 4, 8
 
 pytestmark = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),

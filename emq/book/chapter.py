@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from emq.book.grids import Cell, grid_cells
 from emq.config import DataConfig, RunConfig, load_config
-from emq.training.coresets import total_passes, training_time
 from emq.data.datasets import Dataset
 from emq.data.load import load_data
-from emq.book.grids import Cell, grid_cells
 from emq.methods import method_configs
 from emq.results import ResultsStore, Run, write_chapter_numbers, write_json
+from emq.training.coresets import total_passes, training_time
 from emq.training.loop import train
 
 # Seeds and evaluation sizes of each profile; the model and data sizes are in config.PROFILES.

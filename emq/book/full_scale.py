@@ -119,7 +119,8 @@ def train_args(cfg: RunConfig, results: str | Path, device: str = "auto") -> lis
     return out + ["--results", str(results), "--device", device, "--no-progress"]
 
 
-def torchrun_line(cfg: RunConfig, nproc: int, results: str | Path, device: str = "auto", width: int | None = None) -> str:
+def torchrun_line(cfg: RunConfig, nproc: int, results: str | Path, device: str = "auto",
+                  width: int | None = None) -> str:
     """The torchrun command, as a user types it, that trains ``cfg`` on ``nproc`` processes: one
     line, or with ``width`` lines of at most that many characters (:func:`wrap_command`)."""
     args = torchrun_command(nproc, train_args(cfg, results, device))
@@ -134,7 +135,8 @@ def wrap_command(args: list[str], width: int = 76, indent: str = "    ") -> str:
     words = [shlex.quote(a) for a in args]
     tokens, i = [], 0
     while i < len(words):
-        pair = words[i].startswith("--") and "=" not in words[i] and i + 1 < len(words) and not words[i + 1].startswith("-")
+        pair = (words[i].startswith("--") and "=" not in words[i] and i + 1 < len(words)
+                and not words[i + 1].startswith("-"))
         tokens.append(f"{words[i]} {words[i + 1]}" if pair else words[i])
         i += 2 if pair else 1
     lines = [tokens[0]]
@@ -168,7 +170,8 @@ def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
         elif isinstance(mod, torch.nn.Linear):
             total += out.numel() * mod.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in layers]
     with torch.no_grad():
         model(x)
     for h in handles:

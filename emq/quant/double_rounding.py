@@ -37,8 +37,3 @@ def double_rounding(w: torch.Tensor, scale_h: torch.Tensor, high: int, bits: int
     """The weight at ``bits`` (<= ``high``): ``W_l * s_h * 2^(h-l)``."""
     w_h = to_int_high(w, scale_h, high)
     return lower_from_high(w_h, high, bits) * (scale_h * 2 ** (high - bits))
-
-
-def stored_bytes(num_weights: int, high: int) -> tuple[int, int]:
-    """``(int-h bytes, fp32 bytes)`` to store ``num_weights`` weights (scales not counted)."""
-    return -(-num_weights * high // 8), 4 * num_weights

@@ -189,7 +189,7 @@ class LightweightScores:
 
 # ---- schedule --------------------------------------------------------------------------------
 def is_active(cfg) -> bool:
-    """Whether the run prunes at all (``coreset.prune > 0`` or disjoint shards)."""
+    """Whether the run prunes at all: ``coreset.prune > 0``."""
     return cfg.coreset.prune > 0
 
 
@@ -213,9 +213,6 @@ class Schedule:
             return divmod(step, self.full_steps)
         epoch, start = divmod(step - warm, self.sub_steps)
         return self.warmup + epoch, start
-
-    def steps_in(self, epoch: int) -> int:
-        return self.full_steps if epoch < self.warmup else self.sub_steps
 
 
 def make_schedule(cfg, labels: torch.Tensor) -> tuple[Schedule, int]:
