@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from emq.errors import ConfigError
+from emq.profiles import SCALES
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -394,17 +395,8 @@ def load_config(path: str | Path | None = None, overrides=None, profile: str | N
     return cfg.with_overrides(overrides)
 
 
-# Scales of every chapter and config. smoke: seconds, for tests. cpu: the default of
-# `make book`, the whole book within 30 minutes on 2 cores. gpu: full data, long schedules.
-PROFILES: dict[str, dict] = {
-    "smoke": {"data.train_size": 512, "data.test_size": 256, "data.augment": False, "model.depth": 8,
-              "model.width": 0.25, "train.epochs": 1, "train.batch_size": 64},
-    # ResNet-8 at half width on 6144 images: about a minute per 4-bit-width run on 2 cores.
-    "cpu": {"data.train_size": 6144, "data.test_size": 2000, "data.augment": False, "model.depth": 8,
-            "model.width": 0.5, "train.epochs": 4, "train.batch_size": 128},
-    "gpu": {"data.train_size": 0, "data.test_size": 0, "data.augment": True, "model.depth": 20,
-            "model.width": 1.0, "train.epochs": 60, "train.batch_size": 128},
-}
+# What each profile sets in a config (emq.profiles, where the profiles' seeds and sizes all live).
+PROFILES: dict[str, dict] = SCALES
 
 
 def apply_profile(cfg: RunConfig, profile: str) -> RunConfig:

@@ -14,13 +14,10 @@ from emq.config import DataConfig, RunConfig, load_config
 from emq.data.datasets import Dataset
 from emq.data.load import load_data
 from emq.methods import method_configs
+from emq.profiles import RECALIBRATION_BATCHES, SEEDS
 from emq.results import ResultsStore, Run, write_chapter_numbers, write_json
 from emq.training.coresets import total_passes, training_time
 from emq.training.loop import train
-
-# Seeds and evaluation sizes of each profile; the model and data sizes are in config.PROFILES.
-SEEDS = {"smoke": (0, 1), "cpu": (0, 1), "gpu": (0, 1, 2)}
-RECALIBRATION_BATCHES = {"smoke": 2, "cpu": 20, "gpu": 200}
 
 
 def repo_root(start: str | Path | None = None) -> Path:

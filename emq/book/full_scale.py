@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,31 +24,13 @@ from emq.data.datasets import load_fashion_mnist
 from emq.methods import method_config
 from emq.nn.layers import set_bits
 from emq.nn.models import make_model
+from emq.profiles import FULL_SCALE
 from emq.results import write_atomic
 from emq.training.distributed import torchrun_command
 
-
-@dataclass(frozen=True)
-class FullScale:
-    """One profile of chapter 05."""
-
-    image_size: int  # training crop side
-    epochs: int
-    batch_size: int  # global batch over all processes
-    folder: tuple[int, int, int] | None  # Fashion-MNIST folder: (train, val) images per class, side; None: ImageNet
-    augment: bool = True  # RandomResizedCrop + flip (off at cpu, as in every chapter's cpu profile)
-    weight_decay: float = 5e-4
-
-
 METHOD = "shared_meanvar"  # EMQ's shared BN with mean+var correction (METHOD.md §2)
 ARCH = "resnet18"
-PROFILES = {
-    "smoke": FullScale(image_size=16, epochs=1, batch_size=16, folder=(8, 4, 32)),
-    # 62 steps of 32 crops of 32 px: about 3 minutes on 2 busy cores
-    "cpu": FullScale(image_size=32, epochs=2, batch_size=32, folder=(100, 30, 64), augment=False),
-    # ImageNet: 60 epochs as the gpu profile of the other chapters, weight decay 1e-4 as is usual there
-    "gpu": FullScale(image_size=224, epochs=60, batch_size=256, folder=None, weight_decay=1e-4),
-}
+PROFILES = FULL_SCALE  # chapter 05's setting of each profile (emq.profiles)
 
 
 def make_imagenet_folder(out: str | Path, fashion_root: str | Path, per_class_train: int = 100,
