@@ -27,14 +27,17 @@ from pathlib import Path
 
 import torch
 
-from .book import repo_root
-from .config import load_config
-from .data import load_data
-from .grids import train_all
-from .methods import method_config
-from .models import build_model
-from .results import ResultsStore
-from .training import multibit_step, resolve_device
+from emq.book.chapter import repo_root
+from emq.book.grids import train_all
+from emq.config import ModelConfig, QuantConfig, load_config
+from emq.data.load import load_data
+from emq.methods import method_config
+from emq.nn.models import build_model, make_model
+from emq.results import ResultsStore
+from emq.training.coresets import cost_ratio, total_passes, training_time
+from emq.training.distributed import resolve_device
+from emq.training.loop import shared_batch, train, train_step
+from emq.training.speed import Speed, autocast, prepare_input, prepare_model
 
 
 def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
@@ -50,7 +53,7 @@ def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
     def one(b):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        multibit_step(model, x, y, b, cfg.train.distill)
+        train_step(model, shared_batch(x, y, b), cfg.train.distill)
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -88,9 +91,6 @@ CORESET_SIZE = {"data.train_size": 2048, "data.test_size": 2000, "train.epochs":
 def coreset_cost(profile: str, prune: float, device: str) -> None:
     """Train the full-data baseline, EMQ with static EL2N coresets and with lightweight-dynamic
     ones, and print accuracy differences, wall time, sample-passes and the cost ratios."""
-    from .coresets import cost_ratio, total_passes, training_time
-    from .training import train
-
     base = method_config("shared_meanvar", load_config(profile=profile, overrides={
         "data.root": str(repo_root() / "data"), **CORESET_SIZE}))
     runs = {"full data": base, f"EMQ p={prune} static EL2N": base.with_overrides({"coreset.prune": prune}),
@@ -129,10 +129,6 @@ EPOCH_IMAGES = 50_000  # a CIFAR-size epoch
 def throughput_times(arch: str, side: int, batch: int, classes: int, bits: tuple[int, ...], speed, device: str,
                      repeats: int) -> dict:
     """Median seconds of a multi-bit step and of a full-precision step, under ``speed``."""
-    from .config import ModelConfig, QuantConfig
-    from .models import make_model
-    from .speed import autocast, prepare_input, prepare_model
-
     dev = resolve_device(device)
     torch.manual_seed(0)
     model = make_model(ModelConfig(arch=arch), QuantConfig(), bits, classes, 3, side).to(dev).train()
@@ -145,7 +141,7 @@ def throughput_times(arch: str, side: int, batch: int, classes: int, bits: tuple
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast(speed, dev):
-            multibit_step(step_model, x, y, b)
+            train_step(step_model, shared_batch(x, y, b))
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -162,8 +158,6 @@ def throughput_times(arch: str, side: int, batch: int, classes: int, bits: tuple
 
 def throughput(size: str, device: str, repeats: int, compile_: bool, bits=(2, 4, 8, 32)) -> list[dict]:
     """One row per model and variant (compile x bf16): step times, images/s, overhead, epoch time."""
-    from .speed import Speed
-
     dev = resolve_device(device)
     rows = []
     for name, (arch, side, batch, classes) in THROUGHPUT_MODELS[size].items():
@@ -194,7 +188,7 @@ def print_throughput(rows: list[dict], device: str, bits=(2, 4, 8, 32)) -> None:
 
 
 def runner_throughput(profile: str, runs: int, layouts: tuple[tuple[int, int], ...]) -> list[dict]:
-    """Runs per hour of the grid runner (:func:`emq.grids.run_grid`) at each (processes, threads)
+    """Runs per hour of the grid runner (:func:`emq.book.grids.run_grid`) at each (processes, threads)
     layout: the same ``runs`` runs of the profile's multi-bit model (seeds 0..runs-1), each layout
     into a fresh temporary store, one layout after the other on the same machine."""
     base = load_config(profile=profile, overrides={"data.root": str(repo_root() / "data")})

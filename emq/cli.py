@@ -12,16 +12,18 @@ import signal
 import subprocess
 import sys
 
-from . import distributed
-from .config import PROFILES, ConfigError, load_config, parse_overrides
-from .data import DataError, fetch_fashion_mnist
-from .data_check import missing_pieces
-from .evaluation import evaluate_run
-from .grids import GRIDS, grid_cells, run_grid
-from .methods import METHODS, method_configs
-from .quantizers import check_bits
-from .results import ResultsStore, Run
-from .training import TrainingInterrupted, resolve_device, train
+from emq.analysis.evaluation import evaluate_run
+from emq.bench import main as bench_main
+from emq.book.grids import GRIDS, grid_cells, run_grid
+from emq.config import PROFILES, ConfigError, load_config, parse_overrides
+from emq.data.check import missing_pieces
+from emq.data.datasets import DataError, fetch_fashion_mnist
+from emq.methods import METHODS, method_configs
+from emq.quant.quantizers import check_bits
+from emq.results import ResultsStore, Run
+from emq.training import distributed
+from emq.training.distributed import resolve_device
+from emq.training.loop import TrainingInterrupted, train
 
 
 def _bits_list(text: str) -> list[int]:
@@ -150,8 +152,6 @@ def _grid(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # every further option is emq.bench's own
-        from .bench import main as bench_main
-
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad config key, value or file; the message is one line naming the problem."""
+from emq.errors import ConfigError
+from emq.profiles import SCALES
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -55,7 +54,7 @@ class DataConfig:
     subset_seed: int = 0  # seed of the fixed subsets, shared by all runs so they see the same data
     augment: bool = True  # random crop (pad 2 or 4) and horizontal flip on training batches
     # 0: ImageNet decoded once into 64 px tensors (small copies); > 0: ImageNet streamed from disk
-    # through torchvision's ImageFolder, RandomResizedCrop+flip to this size (emq.imagefolder)
+    # through torchvision's ImageFolder, RandomResizedCrop+flip to this size (emq.data.imagefolder)
     image_size: int = 0
 
 
@@ -65,7 +64,7 @@ class ModelConfig:
     depth: int = 20  # 20 = ResNet-20 (CIFAR ResNet only)
     width: float = 1.0  # multiplier on the stage widths 16, 32, 64 (CIFAR ResNet only)
     preact: bool = False  # pre-activation blocks (BN -> act -> conv) (CIFAR ResNet only)
-    # emq: the blocks of emq.models.Block | any_precision: Any-Precision's pre-activation ResNet as published
+    # emq: the blocks of emq.nn.models.Block | any_precision: Any-Precision's pre-activation ResNet as published
     # (SHI-Labs/Any-Precision-DNNs): shortcut from the pre-activated input through a full-precision 1x1 conv and
     # one plain BN, no activation after the last BN, PyTorch's default init; needs preact (CIFAR ResNet only).
     # Upstream's first conv and classifier are full precision: quant.quantize_first_last false, the default
@@ -80,7 +79,7 @@ class QuantConfig:
     fp_act: str = "relu"  # activation at 32 bits: relu (Any-Precision) | clamp to [0, 1]
     scale_by_mean: bool = False  # multiply quantized weights by E = mean|W| (Any-Precision option)
     quantize_first_last: bool = False  # the stem conv and classifier stay full precision by default
-    weight_quantizer: str = "dorefa"  # dorefa | lsq | qil | shift | double_rounding (emq.schemes)
+    weight_quantizer: str = "dorefa"  # dorefa | lsq | qil | shift | double_rounding (emq.quant.schemes)
     act_quantizer: str = "dorefa"  # dorefa | lsq | qil
     steepness_start: float = 10.0  # shift-bit soft staircase: steepness lambda at the first step ...
     steepness_end: float = 1000.0  # ... raised geometrically to this at the last step
@@ -107,7 +106,7 @@ class TrainConfig:
     init_from: str = ""  # hash of a finished run in the same store whose weights start this one
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
-    # Speed options (emq.speed). auto = on for CUDA, off on the CPU, so CPU runs are unchanged.
+    # Speed options (emq.training.speed). auto = on for CUDA, off on the CPU, so CPU runs are unchanged.
     amp: str = "auto"  # bf16 autocast of the forward passes: auto | off | bf16
     channels_last: str = "auto"  # NHWC memory format for model and inputs: auto | off | on
     compile: str = "auto"  # torch.compile the model (one graph per bit-width): auto | off | on
@@ -148,7 +147,7 @@ class RunConfig:
                 out[section] = changed
         return out
 
-    def portable(self) -> "RunConfig":
+    def portable(self) -> RunConfig:
         """This config with the location of the data reset to its default: what a run folder
         stores, so that a clone of the store at any path reads the same runs."""
         return dataclasses.replace(self, data=dataclasses.replace(self.data, root=DataConfig.root))
@@ -163,7 +162,7 @@ class RunConfig:
         blob = json.dumps(self.portable().non_default(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-    def with_overrides(self, overrides: dict | list[str] | None) -> "RunConfig":
+    def with_overrides(self, overrides: dict | list[str] | None) -> RunConfig:
         """A copy with dotted overrides applied, e.g. ``{"train.epochs": 3}`` or ``["train.epochs=3"]``."""
         merged = self.to_dict()
         for key, value in parse_overrides(overrides).items():
@@ -256,20 +255,38 @@ def from_dict(d: dict) -> RunConfig:
     return cfg
 
 
+# What the registries above config implement, registered by each where it is defined (the
+# quantization schemes and corrections in emq.quant, the architectures in emq.nn.models, the
+# coreset scores and modes in emq.training.coresets), so that validate checks a config against
+# the registry itself rather than a second list, and config imports nothing of emq but its errors.
+# Importing emq (which any ``import emq.<module>`` does first) registers them all.
+_REGISTERED: dict[str, object] = {}
+
+
+def register(key: str, value) -> None:
+    """Make ``value`` (the allowed names of config key ``key``, or a check) known to :func:`validate`."""
+    _REGISTERED[key] = value
+
+
+def registered(key: str):
+    """What the registry of ``key`` registered; a RuntimeError if its module was never imported."""
+    if key not in _REGISTERED:
+        raise RuntimeError(f"nothing registered the choices of {key!r}: import emq before validating configs")
+    return _REGISTERED[key]
+
+
 def validate(cfg: RunConfig) -> None:
     """Check values that types alone do not: names of choices, bit-widths, sizes."""
-    from .quantizers import CORRECTIONS, check_bits
-    from .schemes import ACT_SCHEMES, WEIGHT_SCHEMES, check_scheme_bits
-
+    check_bits, check_scheme_bits = registered("bits"), registered("scheme bits")
     choices = {
-        "quant.weight_quantizer": (cfg.quant.weight_quantizer, tuple(WEIGHT_SCHEMES)),
-        "quant.act_quantizer": (cfg.quant.act_quantizer, tuple(ACT_SCHEMES)),
+        "quant.weight_quantizer": (cfg.quant.weight_quantizer, tuple(registered("quant.weight_quantizer"))),
+        "quant.act_quantizer": (cfg.quant.act_quantizer, tuple(registered("quant.act_quantizer"))),
         "quant.norm": (cfg.quant.norm, ("switchable", "shared")),
-        "quant.correction": (cfg.quant.correction, CORRECTIONS),
+        "quant.correction": (cfg.quant.correction, tuple(registered("quant.correction"))),
         "quant.fp_act": (cfg.quant.fp_act, ("relu", "clamp")),
         "train.distill": (cfg.train.distill, ("recursive", "hard", "soft", "joint")),
         "train.progressive": (cfg.train.progressive, ("none", "weights_first", "bits")),
-        "model.arch": (cfg.model.arch, ("resnet", "resnet18", "resnet50", "vit_tiny")),
+        "model.arch": (cfg.model.arch, tuple(registered("model.arch"))),
         "model.block": (cfg.model.block, ("emq", "any_precision")),
         "train.optimizer": (cfg.train.optimizer, ("sgd", "adam")),
         "train.schedule": (cfg.train.schedule, ("cosine", "step")),
@@ -295,7 +312,8 @@ def validate(cfg: RunConfig) -> None:
         except ValueError as e:
             raise ConfigError(f"config key 'train.bits': {e}") from None
     if not 0.0 <= cfg.train.stochastic_precision <= 1.0:
-        raise ConfigError(f"config key 'train.stochastic_precision' must be in [0, 1], got {cfg.train.stochastic_precision}")
+        raise ConfigError("config key 'train.stochastic_precision' must be in [0, 1], "
+                          f"got {cfg.train.stochastic_precision}")
     if not 0 < cfg.quant.steepness_start <= cfg.quant.steepness_end:
         raise ConfigError("config keys 'quant.steepness_start' and 'quant.steepness_end' need "
                           f"0 < start <= end, got {cfg.quant.steepness_start} and {cfg.quant.steepness_end}")
@@ -324,10 +342,9 @@ def validate_block(cfg: RunConfig) -> None:
 
 def validate_coreset(cfg: RunConfig) -> None:
     """The coreset section: choices, a pruning ratio in [0, 1), a warm-up shorter than training."""
-    from .coresets import LIGHTWEIGHT_SCORES, MODES, SCORES
-
     c = cfg.coreset
-    for key, (value, allowed) in {"coreset.score": (c.score, SCORES), "coreset.mode": (c.mode, MODES)}.items():
+    for key, (value, allowed) in {"coreset.score": (c.score, tuple(registered("coreset.score"))),
+                                  "coreset.mode": (c.mode, tuple(registered("coreset.mode")))}.items():
         if value not in allowed:
             raise ConfigError(f"config key {key!r} is {value!r}: use one of {', '.join(allowed)}")
     if not 0.0 <= c.prune < 1.0:
@@ -342,9 +359,10 @@ def validate_coreset(cfg: RunConfig) -> None:
     if c.warmup_epochs >= cfg.train.epochs:
         raise ConfigError(f"config key 'coreset.warmup_epochs' is {c.warmup_epochs}: it must be below "
                           f"train.epochs ({cfg.train.epochs}) for pruning to happen")
-    if c.mode == "lightweight" and c.score not in LIGHTWEIGHT_SCORES:
+    lightweight = tuple(registered("lightweight scores"))
+    if c.mode == "lightweight" and c.score not in lightweight:
         raise ConfigError(f"coreset.mode 'lightweight' takes its scores from the training logits: use coreset.score "
-                          f"{' or '.join(LIGHTWEIGHT_SCORES)}, not {c.score!r}")
+                          f"{' or '.join(lightweight)}, not {c.score!r}")
     if c.mode == "lightweight" and c.warmup_epochs == 0:
         raise ConfigError("coreset.mode 'lightweight' needs coreset.warmup_epochs >= 1 to have scores to select by")
     if c.score == "shard" and c.class_balanced:
@@ -377,17 +395,8 @@ def load_config(path: str | Path | None = None, overrides=None, profile: str | N
     return cfg.with_overrides(overrides)
 
 
-# Scales of every chapter and config. smoke: seconds, for tests. cpu: the default of
-# `make book`, the whole book within 30 minutes on 2 cores. gpu: full data, long schedules.
-PROFILES: dict[str, dict] = {
-    "smoke": {"data.train_size": 512, "data.test_size": 256, "data.augment": False, "model.depth": 8,
-              "model.width": 0.25, "train.epochs": 1, "train.batch_size": 64},
-    # ResNet-8 at half width on 6144 images: about a minute per 4-bit-width run on 2 cores.
-    "cpu": {"data.train_size": 6144, "data.test_size": 2000, "data.augment": False, "model.depth": 8,
-            "model.width": 0.5, "train.epochs": 4, "train.batch_size": 128},
-    "gpu": {"data.train_size": 0, "data.test_size": 0, "data.augment": True, "model.depth": 20,
-            "model.width": 1.0, "train.epochs": 60, "train.batch_size": 128},
-}
+# What each profile sets in a config (emq.profiles, where the profiles' seeds and sizes all live).
+PROFILES: dict[str, dict] = SCALES
 
 
 def apply_profile(cfg: RunConfig, profile: str) -> RunConfig:

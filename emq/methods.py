@@ -3,14 +3,14 @@
 Chapters and the command line loop over names (``method_configs(name, base)``) instead of
 branching on them. A method is a dict of dotted config keys, plus, for the methods that
 fine-tune (shift-bit), the method whose finished run starts it and the share of the epochs the
-fine-tuning takes. The quantizers and schedules the keys select live in :mod:`emq.schemes` and
-:mod:`emq.recipes`.
+fine-tuning takes. The quantizers and schedules the keys select live in :mod:`emq.quant.schemes` and
+:mod:`emq.training.recipes`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ConfigError, RunConfig
+from emq.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, RunConfig, from_dict
+from emq.config import ConfigError, RunConfig, from_dict
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -9,6 +9,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_RESULTS = ROOT / "_build" / "test-results"  # results_dir of tests/notebooks/*.ipynb
+DATA_ROOT = ROOT / "data"
+HAVE_DATA = (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"Fashion-MNIST not under {DATA_ROOT} (python -m emq data fetch)")
+
+# The tests' tiny runs, as overrides of the smoke profile: ResNet-8 at quarter width on 256 images,
+# two epochs of four steps; TINY_1_EPOCH: one epoch of two steps on 128 images; TINY_METHODS: the
+# smoke profile's network (as the methods' chapter trains it) on 128 images, two epochs of four steps.
+TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
+        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 2}
+TINY_1_EPOCH = {**TINY, "data.train_size": 128, "data.test_size": 64, "train.epochs": 1}
+TINY_METHODS = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
+                "train.epochs": 2}
 
 
 def pytest_sessionstart(session):

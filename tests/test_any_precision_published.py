@@ -16,15 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_METHODS as TINY
+from conftest import needs_data
 from torch import nn
 
 from emq.config import ConfigError, RunConfig, from_dict, load_config
-from emq.data import load_data
-from emq.layers import QConv2d, QuantWeightMixin, SwitchableBatchNorm2d, active_norms, set_bits
+from emq.data.load import load_data
 from emq.methods import method_config
-from emq.models import AnyPrecisionBlock, make_model
+from emq.nn.layers import QConv2d, QuantWeightMixin, SwitchableBatchNorm2d, active_norms, set_bits
+from emq.nn.models import AnyPrecisionBlock, make_model
 from emq.results import ResultsStore
-from emq.training import best_epoch, learning_rate, make_optimizer, train
+from emq.training.loop import best_epoch, learning_rate, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"
@@ -332,10 +334,6 @@ def test_the_best_epoch_is_chosen_by_the_top_bit_width_first_of_ties_and_keeps_e
     assert best_epoch(rows) == {"best_epoch": 2, "acc_at_best_epoch": {"2": 0.4, "32": 0.8}}
 
 
-needs_data = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-                                reason=f"Fashion-MNIST not under {DATA_ROOT} (python -m emq data fetch)")
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
-        "train.epochs": 2}
 
 
 @needs_data

@@ -11,11 +11,10 @@ import torchvision
 from torch import nn
 
 from emq.config import ModelConfig, QuantConfig, RunConfig
-from emq.layers import QAct, QConv2d, QLinear, SwitchableBatchNorm2d, set_bits
-from emq.models import make_model
-from emq.swap import swap_modules
-from emq.training import multibit_step
-from emq.vit import SwitchableLayerNorm
+from emq.nn.layers import QAct, QConv2d, QLinear, SwitchableBatchNorm2d, SwitchableLayerNorm, set_bits
+from emq.nn.models import make_model
+from emq.nn.swap import swap_modules
+from emq.training.loop import shared_batch, train_step
 
 BITS = (2, 4, 32)
 # arch -> (input side, channels): small inputs, as the CPU tests can afford
@@ -83,7 +82,7 @@ def test_forward_at_every_bit_width_and_one_training_step(arch, norm):
     assert not torch.allclose(outs[2], outs[32])  # the bit-width changes the function
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = multibit_step(model, x, y, BITS)
+    losses = train_step(model, shared_batch(x, y, BITS))[0]
     opt.step()
     assert set(losses) == set(BITS) and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -12,7 +12,7 @@ are not executed) with warnings as errors. Every page of the table of contents i
 What counts as cut off, element by element:
 
 - an HTML table may be wider than the text column only inside a box of its own that scrolls
-  sideways (pandas output, ``emq.plots.show_table``, Markdown tables);
+  sideways (pandas output, ``emq.book.plots.show_table``, Markdown tables);
 - a plain-text cell output (``print``) must fit its box: the theme gives every ``<pre>`` a
   scroll bar, but a text table whose last columns sit behind it reads as a table without them;
   print it as an HTML table or shorten its lines;
@@ -119,7 +119,7 @@ class Page(HTMLParser):
             self.text.append(data)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse(path: Path) -> Page:
     return Page(path)
 

@@ -106,7 +106,8 @@ BAD_INPUT = {
     "resume without a checkpoint": (["train", *TINY, "--set", "train.seed=7", "--resume"],
                                     ["--resume: run", "has no checkpoint"]),
     "pruning ratio outside [0, 1)": (["train", *TINY, "--set", "coreset.prune=1.0"], ["'coreset.prune'", "[0, 1)"]),
-    "coreset smaller than one batch": (["train", *TINY, "--set", "coreset.prune=0.6", "--set", "coreset.warmup_epochs=0"],
+    "coreset smaller than one batch": (["train", *TINY, "--set", "coreset.prune=0.6",
+                                        "--set", "coreset.warmup_epochs=0"],
                                        ["keeps 51 of 128 training images, fewer than one batch of 64"]),
 }
 
@@ -210,7 +211,7 @@ def model_of_another_config(run_dir: Path, path: Path) -> None:
     import torch
 
     from emq.config import from_dict
-    from emq.models import make_model
+    from emq.nn.models import make_model
 
     cfg = from_dict(json.loads((run_dir / "config.json").read_text())).with_overrides({"model.width": 0.5})
     torch.save(make_model(cfg.model, cfg.quant, cfg.train.bits, 10, 1, 28).state_dict(), path)

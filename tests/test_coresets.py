@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY as TINY_2_EPOCHS
+from conftest import needs_data
 
 from emq.config import ConfigError, ModelConfig, QuantConfig, load_config
-from emq.coresets import (
+from emq.data.load import load_data
+from emq.nn.layers import set_bits
+from emq.nn.models import make_model
+from emq.results import ResultsStore
+from emq.training.coresets import (
     LightweightScores,
     Schedule,
     coreset_size,
@@ -27,17 +33,10 @@ from emq.coresets import (
     select_shards,
     total_passes,
 )
-from emq.data import load_data
-from emq.layers import set_bits
-from emq.models import make_model
-from emq.results import ResultsStore
-from emq.training import bitwise_step, multibit_step, train
+from emq.training.loop import shared_batch, train, train_step
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-HAVE_DATA = (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"Fashion-MNIST not under {DATA_ROOT}")
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 3}
+TINY = {**TINY_2_EPOCHS, "train.epochs": 3}
 PRUNED = {"coreset.prune": 0.5, "coreset.warmup_epochs": 1}  # 4 full-data steps, then 2 epochs of 2 steps
 
 
@@ -167,12 +166,12 @@ def test_the_schedule_locates_steps_across_the_warm_up_and_the_pruned_epochs():
 
 
 # ---- the training step -----------------------------------------------------------------------------
-def test_bitwise_step_with_one_shared_batch_is_the_multibit_step():
+def test_a_step_on_one_batch_per_bit_width_that_is_the_same_batch_is_the_shared_batch_step():
     x, y = sample_batch(8)
     a, b = small_model(), small_model()
-    want = multibit_step(a.train(), x, y, (2, 4, 32))
+    want, _ = train_step(a.train(), shared_batch(x, y, (2, 4, 32)))
     batch = (x, y, torch.arange(8))
-    got, extra = bitwise_step(b.train(), {bits: batch for bits in (2, 4, 32)})
+    got, extra = train_step(b.train(), {bits: batch for bits in (2, 4, 32)})
     assert got == want and extra == {32: 0, 4: 0, 2: 0}
     for (k, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p.grad, q.grad), k
@@ -181,7 +180,7 @@ def test_bitwise_step_with_one_shared_batch_is_the_multibit_step():
 @pytest.mark.parametrize("distill, teacher_passes", [("recursive", 8), ("soft", 8), ("hard", 0)])
 def test_a_teacher_forward_on_the_childs_own_batch_is_counted(distill, teacher_passes):
     batches = {b: (*sample_batch(8, seed=b), torch.arange(8) + 8 * b) for b in (2, 4, 32)}
-    _, extra = bitwise_step(small_model().train(), batches, distill)
+    _, extra = train_step(small_model().train(), batches, distill)
     assert extra == {32: 0, 4: teacher_passes, 2: teacher_passes}
 
 

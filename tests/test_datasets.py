@@ -19,7 +19,8 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from emq.config import DataConfig
-from emq.data import DATASETS, IMAGENET_TENSOR_SIZE, DataError, load_data, load_imagenet
+from emq.data.datasets import DATASETS, IMAGENET_TENSOR_SIZE, DataError, load_imagenet
+from emq.data.load import load_data
 
 N = 10  # images per split
 WNIDS = ["n01443537", "n01629819", "n01641577"]

@@ -11,7 +11,6 @@ rounding turns a tiny difference into a flipped level now and then).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,22 +20,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY, needs_data
 from torch import nn
 
 from emq.cli import main
 from emq.config import ConfigError, load_config
-from emq.data import load_data
-from emq.distributed import GlobalBatchNorm2d, Parallel, prepare_model, wrap
-from emq.models import build_model
+from emq.data.load import load_data
+from emq.nn.models import build_model
 from emq.results import ResultsStore
-from emq.training import multibit_step, train
+from emq.training.distributed import GlobalBatchNorm2d, Parallel, prepare_model, wrap
+from emq.training.loop import shared_batch, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 2}
-needs_data = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-                                reason="Fashion-MNIST not under data/ (python -m emq data fetch)")
 
 
 def _spawn(fn, tmp: Path, *args) -> None:
@@ -85,7 +81,7 @@ def _step_worker(rank: int, tmp: Path, bits: tuple[int, ...], dtype: torch.dtype
     data = load_data(cfg.data)
     model = prepare_model(build_model(cfg, data).to(dtype), Parallel(rank, 2), torch.device("cpu")).train()
     x, y, _ = next(data.train.batches(64, shuffle=True, seed=0, shard=(rank, 2)))
-    multibit_step(wrap(model, Parallel(rank, 2), torch.device("cpu")), x.to(dtype), y, bits)
+    train_step(wrap(model, Parallel(rank, 2), torch.device("cpu")), shared_batch(x.to(dtype), y, bits))
     torch.save({n: p.grad for n, p in model.named_parameters()}, tmp / f"grads{rank}.pt")
     dist.destroy_process_group()
 
@@ -98,7 +94,7 @@ def _grad_gap(tmp_path: Path, bits: tuple[int, ...], dtype: torch.dtype = torch.
     data = load_data(cfg.data)
     model = build_model(cfg, data).to(dtype).train()
     x, y, _ = next(data.train.batches(64, shuffle=True, seed=0))
-    multibit_step(model, x.to(dtype), y, bits)
+    train_step(model, shared_batch(x.to(dtype), y, bits))
     g0, g1 = (torch.load(tmp_path / f"grads{r}.pt") for r in range(2))
     gaps = []
     for n, p in model.named_parameters():

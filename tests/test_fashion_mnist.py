@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from emq.config import DataConfig
-from emq.data import FASHION_FILES, DataError, fetch_fashion_mnist, load_data, load_fashion_mnist
+from emq.data.datasets import FASHION_FILES, DataError, fetch_fashion_mnist, load_fashion_mnist
+from emq.data.load import load_data
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 RAW = DATA_ROOT / "FashionMNIST" / "raw"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = r"""
 import json, sys
 from pathlib import Path
-from emq.book import Chapter
+from emq.book.chapter import Chapter
 from emq.config import from_dict
 
 missing = []

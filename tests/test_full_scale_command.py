@@ -3,7 +3,7 @@ page, each continued with a backslash, and the very command that one line would 
 import shlex
 import subprocess
 
-from emq.full_scale import full_scale_config, torchrun_line, wrap_command
+from emq.book.full_scale import full_scale_config, torchrun_line, wrap_command
 
 
 def test_the_wrapped_command_fits_the_width_and_is_the_same_command():

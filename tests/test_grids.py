@@ -1,16 +1,13 @@
 """Run grids are data: every grid builds at its profiles, each run once, pretraining first; the
 runner trains exactly the runs its store lacks, on several processes, and then nothing."""
 import pytest
+from conftest import TINY_1_EPOCH as TINY
+from test_speed import needs_data
 
-from emq import grids
+from emq.book import grids
+from emq.book.grids import cell, grid_configs, run_grid
 from emq.config import ConfigError, load_config
-from emq.grids import cell, grid_configs, run_grid
 from emq.results import ResultsStore
-
-from test_speed import DATA_ROOT, needs_data
-
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 1}
 
 
 @pytest.mark.parametrize(("name", "profile"), [("00_scale", "smoke"), ("00_scale", "cpu"), ("gpu_evidence", "gpu")])

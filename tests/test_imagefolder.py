@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from emq.book.full_scale import make_imagenet_folder
 from emq.cli import main
 from emq.config import DataConfig
-from emq.data import DataError, load_data, load_fashion_mnist
-from emq.data_check import missing_pieces
-from emq.imagefolder import ImageFolderSplit, make_imagenet_folder
+from emq.data.check import missing_pieces
+from emq.data.datasets import DataError, load_fashion_mnist
+from emq.data.imagefolder import ImageFolderSplit
+from emq.data.load import load_data
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 pytestmark = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),

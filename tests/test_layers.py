@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from emq.config import ModelConfig, QuantConfig
-from emq.layers import (
+from emq.nn.layers import (
     MultiBit,
     QAct,
     QConv2d,
@@ -17,8 +17,8 @@ from emq.layers import (
     make_norm,
     set_bits,
 )
-from emq.models import make_model
-from emq.quantizers import quantize_weight
+from emq.nn.models import make_model
+from emq.quant.quantizers import quantize_weight
 
 BITS = (2, 4, 8, 32)
 
@@ -181,7 +181,7 @@ def test_model_configures_every_quantized_layer_from_the_quant_config():
     m = model(correction="meanvar", detach_stats=False, scale_by_mean=True, quantize_first_last=True)
     layers = [mod for mod in m.modules() if isinstance(mod, QuantWeightMixin)]
     assert layers
-    assert all((l.correction, l.detach_stats, l.scale_by_mean) == ("meanvar", False, True) for l in layers)
+    assert all((q.correction, q.detach_stats, q.scale_by_mean) == ("meanvar", False, True) for q in layers)
 
 
 def expected_params(depth: int, width: float, bn_copies: int, in_channels=1, num_classes=10) -> int:
@@ -228,7 +228,7 @@ def test_preact_resnet_forward_works_at_any_bit_width(bits):
 
 @pytest.mark.parametrize("depth", [7, 9, 10, 21])
 def test_resnet_depth_must_be_6n_plus_2(depth):
-    with pytest.raises(ValueError, match=r"6n\+2.*got %d" % depth):
+    with pytest.raises(ValueError, match=rf"6n\+2.*got {depth}"):
         model(depth=depth)
 
 

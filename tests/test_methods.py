@@ -4,22 +4,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_METHODS as TINY
 
 from emq.config import ConfigError, RunConfig, load_config
-from emq.data import load_data
-from emq.layers import set_bits
+from emq.data.load import load_data
 from emq.methods import METHODS, method_config, method_configs
-from emq.models import make_model
-from emq.recipes import step_configure
+from emq.nn.layers import set_bits
+from emq.nn.models import make_model
+from emq.nn.storage import stored_bytes
+from emq.quant.schemes import DoubleRoundingQuantizer, ShiftQuantizer
 from emq.results import ResultsStore
-from emq.schemes import DoubleRoundingQuantizer, ShiftQuantizer
-from emq.storage import stored_bytes
-from emq.training import init_from_run, make_companion, multibit_step, train
+from emq.training.loop import init_from_run, make_companion, shared_batch, train, train_step
+from emq.training.recipes import step_configure
 
 BITS = (2, 4, 8, 32)
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
-        "train.epochs": 2}
 
 
 def tiny_model(cfg: RunConfig):
@@ -43,7 +42,7 @@ def test_every_method_trains_a_few_steps(name):
         opt.zero_grad()
         # the schedules' last step (every block quantized, every stage reached), where all parameters train
         configure = step_configure(cfg.train, model, step=7, total=8)
-        losses.append(multibit_step(model, x, y, cfg.train.bits, cfg.train.distill, configure, companion))
+        losses.append(train_step(model, shared_batch(x, y, cfg.train.bits), cfg.train.distill, configure, companion)[0])
         if _ == 0:  # every learnable parameter, quantizer parameters included, gets a gradient
             missing = [k for k, p in model.named_parameters() if p.grad is None]
             assert not missing, missing

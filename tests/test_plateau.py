@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emq.plateau import PLATEAU_PP, Plateau, last_quarter_gain, method_gains, number_key, reference_epoch
+from emq.book.plateau import PLATEAU_PP, Plateau, last_quarter_gain, method_gains, number_key, reference_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The chapters that compare methods. Chapter 00 (the scale study) measures where the plateau is:

@@ -10,8 +10,16 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from emq.plots import (  # noqa: E402
-    BIT_MARKERS, BIT_PALETTE, bit_color, bit_palette, bit_style, format_mean_se, legend_outside, runs_note, show_table,
+from emq.book.plots import (  # noqa: E402
+    BIT_MARKERS,
+    BIT_PALETTE,
+    bit_color,
+    bit_palette,
+    bit_style,
+    format_mean_se,
+    legend_outside,
+    runs_note,
+    show_table,
 )
 
 # Colour-vision deficiency simulation (Machado, Oliveira & Fernandes 2009, severity 1), on linear RGB.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emq.analysis.probes import extract_features, fit_probe, probe_accuracy, transfer_probe
 from emq.config import ModelConfig, QuantConfig
-from emq.data import TensorSplit
-from emq.models import make_model
-from emq.probes import extract_features, fit_probe, probe_accuracy, transfer_probe
+from emq.data.datasets import TensorSplit
+from emq.nn.models import make_model
 
 
 def clusters(n_per_class=60, classes=4, dim=8, seed=0):
@@ -67,7 +67,7 @@ def test_a_probe_is_never_evaluated_on_samples_it_was_fitted_on():
 
 
 def test_a_transfer_probe_fits_on_half_the_other_childs_data_and_scores_the_rest_and_the_test_split():
-    from emq.data import Dataset
+    from emq.data.datasets import Dataset
 
     split = tiny_split(40)
     data = Dataset("tiny", split, tiny_split(20), 10, [str(c) for c in range(10)])

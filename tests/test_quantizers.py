@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from emq.quantizers import (
+from emq.quant.quantizers import (
     SUPPORTED_BITS,
     channel_stats,
     check_bits,

@@ -6,21 +6,28 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_METHODS as TINY
 
 from emq.config import load_config
-from emq.data import load_data
-from emq.layers import QAct, QConv2d
-from emq.models import make_model
-from emq.recipes import (active_bits, act_bits, kd_loss, quantized_blocks, quantized_share, stage, steepness,
-                         step_configure)
+from emq.data.load import load_data
+from emq.nn.layers import QAct, QConv2d
+from emq.nn.models import make_model
+from emq.quant.schemes import DoubleRoundingQuantizer
+from emq.quant.shiftbit import shift_scaled, shift_slope, shift_soft
 from emq.results import ResultsStore
-from emq.schemes import DoubleRoundingQuantizer
-from emq.shiftbit import shift_scaled, shift_slope, shift_soft
-from emq.training import multibit_step, make_companion, train
+from emq.training.distill import kd_loss
+from emq.training.loop import make_companion, shared_batch, train, train_step
+from emq.training.recipes import (
+    act_bits,
+    active_bits,
+    quantized_blocks,
+    quantized_share,
+    stage,
+    steepness,
+    step_configure,
+)
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
-        "train.epochs": 2}
 
 
 def train_cfg(**overrides):
@@ -29,7 +36,8 @@ def train_cfg(**overrides):
 
 def test_progressive_bits_adds_bit_widths_high_to_low_in_equal_shares_of_the_steps():
     t = train_cfg(**{"train.progressive": "bits", "train.bits": [2, 4, 8, 32]})
-    assert [active_bits(t, s, 8) for s in range(8)] == [(32,)] * 2 + [(32, 8)] * 2 + [(32, 8, 4)] * 2 + [(32, 8, 4, 2)] * 2
+    assert [active_bits(t, s, 8) for s in range(8)] == ([(32,)] * 2 + [(32, 8)] * 2 + [(32, 8, 4)] * 2
+                                                         + [(32, 8, 4, 2)] * 2)
     assert active_bits(train_cfg(), 0, 8) == (32, 8, 4, 2)  # off: all bit-widths from the first step
 
 
@@ -80,7 +88,7 @@ def test_joint_distillation_trains_the_companion_from_labels_and_the_students():
     data = load_data(cfg.data)
     model, companion = make_model(cfg.model, cfg.quant, cfg.train.bits, 10, 1), make_companion(cfg, data, "cpu")
     x, y, _ = next(data.train.batches(32))
-    losses = multibit_step(model, x, y, cfg.train.bits, "joint", companion=companion, temperature=4.0)
+    losses, _ = train_step(model, shared_batch(x, y, cfg.train.bits), "joint", companion=companion, temperature=4.0)
     assert set(losses) == {*cfg.train.bits, "companion"}
     assert all(p.grad is not None for p in companion.parameters())
     assert losses[32] > F.cross_entropy(model(x), y).item()  # CE plus a positive KL term

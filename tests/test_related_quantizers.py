@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from emq.double_rounding import double_rounding, int_range, lower_from_high, stored_bytes, to_int_high
-from emq.lsq import LSQQuantizer, lsq_init_step, lsq_quantize, lsq_range
-from emq.qil import QILQuantizer, qil_discretise, qil_transform_activation, qil_transform_weight
-from emq.shiftbit import ALPHA_CANDIDATES, shift_alpha, shift_hard, shift_levels, shift_soft
+from emq.quant.double_rounding import double_rounding, int_range, lower_from_high, to_int_high
+from emq.quant.lsq import LSQQuantizer, lsq_init_step, lsq_quantize, lsq_range
+from emq.quant.qil import QILQuantizer, qil_discretise, qil_transform_activation, qil_transform_weight
+from emq.quant.shiftbit import ALPHA_CANDIDATES, shift_alpha, shift_hard, shift_levels, shift_soft
 
 
 def randn(*shape, seed=0):
@@ -170,8 +170,3 @@ def test_one_int_h_tensor_gives_every_lower_precision_by_a_second_rounding():
 def test_double_rounding_rejects_a_precision_above_the_stored_one():
     with pytest.raises(ValueError, match="from 4-bit, not 8-bit"):
         lower_from_high(torch.zeros(3), 4, 8)
-
-
-def test_stored_size_is_h_bits_per_weight():
-    assert stored_bytes(1000, 8) == (1000, 4000)
-    assert stored_bytes(10, 4) == (5, 40)

@@ -8,24 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_1_EPOCH as TINY
+from conftest import needs_data
 
-import emq.speed
+import emq.training.speed
 from emq.config import TrainConfig, from_dict, load_config
-from emq.data import load_data
-from emq.models import build_model
+from emq.data.load import load_data
+from emq.nn.models import build_model
 from emq.results import ResultsStore
-from emq.speed import Speed, autocast, prepare_input, prepare_model, resolve_speed
-from emq.training import train
+from emq.training.loop import train
+from emq.training.speed import Speed, autocast, prepare_input, prepare_model, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 1}
-needs_data = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
-                                reason="Fashion-MNIST not under data/ (python -m emq data fetch)")
 
 
-@pytest.mark.parametrize("folder", sorted((ROOT / "results" / "runs").glob("*/config.json")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("folder", sorted((ROOT / "results" / "runs").glob("*/config.json")),
+                         ids=lambda p: p.parent.name)
 def test_every_stored_run_still_hashes_to_its_folder(folder):
     assert from_dict(json.loads(folder.read_text())).hash() == folder.parent.name
 
@@ -68,7 +67,7 @@ def test_channels_last_computes_the_same_function():
 
 @needs_data
 def test_compiled_training_matches_eager(tmp_path, monkeypatch):
-    monkeypatch.setattr(emq.speed, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(emq.training.speed, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     cfg = load_config(profile="smoke", overrides={**TINY, "train.compile": "on"})
     data = load_data(cfg.data)

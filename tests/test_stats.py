@@ -5,8 +5,9 @@ import math
 import pandas as pd
 import pytest
 
-from emq import plots, stats
-from emq.stats import Difference, difference, format_mean_se, format_value, pm_table
+from emq.analysis import stats
+from emq.analysis.stats import Difference, difference, format_value, pm_table
+from emq.book import plots
 
 
 def frame(cells: dict[tuple[str, int], list[float]]) -> pd.DataFrame:
@@ -27,7 +28,8 @@ def test_pm_table_shows_mean_and_standard_deviation_over_seeds():
     assert table.loc["a", 2] == "85.0 ± 7.1" and table.loc["a", 32] == "85.0 ± 1.4"
     assert table.loc["b", 2] == "70.0 ± 0.0"  # two seeds that agree: a spread of zero, measured
     assert list(table.columns) == [2, 32] and list(table.index) == ["a", "b"]
-    assert pm_table(frame({("a", 2): [0.80, 0.90]}), "method", "bits", digits=2, spread="se").loc["a", 2] == "85.00 ± 5.00"
+    se_table = pm_table(frame({("a", 2): [0.80, 0.90]}), "method", "bits", digits=2, spread="se")
+    assert se_table.loc["a", 2] == "85.00 ± 5.00"
 
 
 def test_pm_table_shows_one_seed_as_its_value_and_one_seed_without_plus_minus():

@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 
-import emq.evaluation
-import emq.training
+import emq.analysis.evaluation
+import emq.training.loop
+from emq.analysis.evaluation import evaluate, evaluate_run, recalibrate_bn
 from emq.config import ConfigError, load_config
-from emq.data import load_data
-from emq.evaluation import evaluate, evaluate_run, recalibrate_bn
-from emq.layers import SwitchableBatchNorm2d, set_bits
-from emq.models import build_model, load_trained
+from emq.data.load import load_data
+from emq.nn.layers import SwitchableBatchNorm2d, set_bits
+from emq.nn.models import build_model, load_trained
 from emq.results import ResultsStore
-from emq.training import multibit_step, soft_cross_entropy, train
+from emq.training.distill import soft_cross_entropy
+from emq.training.loop import shared_batch, train, train_step
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
-TINY = {"data.root": str(DATA_ROOT), "data.train_size": 256, "data.test_size": 128, "model.depth": 8,
-        "model.width": 0.25, "train.batch_size": 64, "train.epochs": 2}
 STEPS_PER_EPOCH, TOTAL_STEPS = 4, 8
 
 pytestmark = pytest.mark.skipif(not (DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
@@ -121,7 +121,8 @@ def test_the_store_reopens_a_run_folder_of_the_same_config_and_rejects_an_edited
     first = store.run(tiny())
     assert store.run(tiny()).path == first.path  # config.json holds bits as a list, the config a tuple
     assert store.open(first.path).config == tiny().portable()  # the folder does not keep the data root
-    (first.path / "config.json").write_text((first.path / "config.json").read_text().replace('"epochs": 2', '"epochs": 3'))
+    stored = first.path / "config.json"
+    stored.write_text(stored.read_text().replace('"epochs": 2', '"epochs": 3'))
     with pytest.raises(ConfigError, match="holds another config"):
         store.run(tiny())
 
@@ -172,9 +173,9 @@ def test_a_finished_run_is_read_back_not_recomputed(finished, data, monkeypatch)
     def boom(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
 
-    monkeypatch.setattr(emq.training, "multibit_step", boom)
-    monkeypatch.setattr(emq.training, "load_data", boom)
-    monkeypatch.setattr(emq.training, "build_model", boom)
+    monkeypatch.setattr(emq.training.loop, "train_step", boom)
+    monkeypatch.setattr(emq.training.loop, "load_data", boom)
+    monkeypatch.setattr(emq.training.loop, "build_model", boom)
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished.path.iterdir() if p.is_file()}
     again = train(tiny(), ResultsStore(finished.path.parents[1]), device="cpu", progress=False)
     assert again.path == finished.path and again.finished
@@ -218,8 +219,8 @@ def test_evaluations_are_cached_in_evals_json(finished, data, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a cached evaluation was recomputed")
 
-    monkeypatch.setattr(emq.evaluation, "evaluate_bits", boom)
-    monkeypatch.setattr(emq.evaluation, "load_trained", boom)
+    monkeypatch.setattr(emq.analysis.evaluation, "evaluate_bits", boom)
+    monkeypatch.setattr(emq.analysis.evaluation, "load_trained", boom)
     assert evaluate_run(finished, [3, 2]) == {3: first[3], 2: first[2]}
 
 
@@ -289,11 +290,11 @@ def expected_losses(model, x, y, bits, distill) -> dict[int, torch.Tensor]:
 
 
 @pytest.mark.parametrize("distill", ["recursive", "hard", "soft"])
-def test_multibit_step_losses_and_accumulated_gradients_follow_the_distill_mode(distill, data, batch):
+def test_the_step_losses_and_accumulated_gradients_follow_the_distill_mode(distill, data, batch):
     x, y = batch
     cfg = tiny(**{"train.distill": distill})
     model = build_model(cfg, data).train()
-    losses = multibit_step(model, x, y, cfg.train.bits, distill)
+    losses, _ = train_step(model, shared_batch(x, y, cfg.train.bits), distill)
     assert list(losses) == [32, 8, 4, 2]  # high to low
     step_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -307,7 +308,7 @@ def test_multibit_step_losses_and_accumulated_gradients_follow_the_distill_mode(
 
 def test_distill_modes_differ_below_the_top_bit_width(data, batch):
     x, y = batch
-    losses = {d: multibit_step(build_model(tiny(), data).train(), x, y, (2, 4, 8, 32), d)
+    losses = {d: train_step(build_model(tiny(), data).train(), shared_batch(x, y, (2, 4, 8, 32)), d)[0]
               for d in ("recursive", "hard", "soft")}
     assert losses["recursive"][32] == losses["hard"][32] == losses["soft"][32]
     assert losses["recursive"][8] == losses["soft"][8]  # 8 learns from 32 in both
@@ -324,7 +325,7 @@ def test_each_distill_mode_trains(distill, data, batch):
     fp_loss = []
     for _ in range(6):
         opt.zero_grad(set_to_none=True)
-        fp_loss.append(multibit_step(model, x, y, cfg.train.bits, distill)[32])
+        fp_loss.append(train_step(model, shared_batch(x, y, cfg.train.bits), distill)[0][32])
         opt.step()
     assert fp_loss[-1] < fp_loss[0]
     assert all(not torch.equal(p, start[k]) for k, p in model.named_parameters())

@@ -1,0 +1,195 @@
+"""Is a network still learning? The last-quarter gain, and the rule that a comparison is a
+verdict only at a plateau.
+
+A run's *last-quarter gain* is the change of its test accuracy at its highest trained bit-width
+(32 bits, full precision, wherever that is trained) over the last quarter of its training, in
+percentage points, from its per-epoch metrics (``Run.metrics()``):
+
+    gain = acc(E) - acc(q),   q = min(floor(3 E / 4), E - 1)
+
+where ``E`` is the last epoch and ``q`` the epoch the last quarter starts from: epoch 3 of 4,
+12 of 16, 45 of 60, and always at least one epoch before the end (epoch 1 of 2, 2 of 3). The two
+accuracies are single evaluations, no window mean, so the rule is that simple. A run of one
+epoch (the smoke profile) has no epoch before its last: its reference is the network before
+training, counted as accuracy 0 (also for a fine-tuned run, whose start is not measured), so all
+it learned is its gain and it is never at a plateau.
+
+A run is at a plateau when its accuracy changed by less than :data:`PLATEAU_PP` over its last
+quarter, either way: a run whose accuracy fell by more is not flat either, it is unstable. A comparison of runs is a
+verdict "at a plateau" only when every run in it is; otherwise the networks are still learning,
+and the comparison says what these runs show, not which method is better.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+
+from emq.analysis.stats import format_mean_se
+from emq.book.plots import show_table
+
+PLATEAU_PP = 0.5  # percentage points over the last quarter of training
+
+
+def reference_epoch(epochs: int) -> int:
+    """The epoch the last quarter is measured from: ``floor(3 E / 4)``, at least one epoch before
+    the last (0, before training, for a one-epoch run)."""
+    if epochs < 1:
+        raise ValueError(f"a run has at least one epoch, got {epochs}")
+    return min(3 * epochs // 4, epochs - 1)
+
+
+def _curve(rows: Iterable[Mapping]) -> dict[int, dict[int, float]]:
+    """epoch -> {bits: test accuracy} from metric rows (rows without both are other records)."""
+    curve = {}
+    for row in rows:
+        if "epoch" in row and "test_acc" in row:
+            curve[int(row["epoch"])] = {int(b): float(a) for b, a in row["test_acc"].items()}
+    return curve
+
+
+def last_quarter_gain(run_or_rows, bits: int | None = None) -> float:
+    """The last-quarter gain of a run (or of its metric rows), in percentage points, at ``bits``
+    (default: the highest bit-width of its last epoch)."""
+    rows = run_or_rows.metrics() if hasattr(run_or_rows, "metrics") else run_or_rows
+    curve = _curve(rows)
+    if not curve:
+        raise ValueError("no per-epoch test accuracy in the run's metrics: has it trained?")
+    last = max(curve)
+    bits = max(curve[last]) if bits is None else bits
+    ref = reference_epoch(last)
+    if ref == 0:
+        before = 0.0
+    elif ref not in curve:
+        raise ValueError(f"the metrics have no epoch {ref}, where the last quarter of {last} epochs starts")
+    else:
+        before = curve[ref].get(bits, math.nan)
+    now = curve[last].get(bits, math.nan)
+    if math.isnan(now) or math.isnan(before):
+        raise ValueError(f"no {bits}-bit test accuracy at epoch {last} or {ref}")
+    return 100.0 * (now - before)
+
+
+@dataclass(frozen=True)
+class Gains:
+    """The last-quarter gains of one method's runs (one per seed)."""
+
+    gains: tuple[float, ...]
+    bits: int
+    epochs: int
+
+    @property
+    def mean(self) -> float:
+        return sum(self.gains) / len(self.gains)
+
+    @property
+    def largest(self) -> float:
+        """The gain of the run that changed most, either way (signed)."""
+        return max(self.gains, key=abs)
+
+    @property
+    def at_plateau(self) -> bool:
+        return all(abs(g) < PLATEAU_PP for g in self.gains)
+
+    def describe(self) -> str:
+        """``"1.20 ± 0.30"``: mean ± standard error over seeds, or ``"1.20 (1 seed)"``."""
+        return format_mean_se(self.gains, digits=2)
+
+
+def method_gains(runs: Iterable) -> Gains:
+    """The last-quarter gains of a set of runs (one method over seeds)."""
+    runs = list(runs)
+    if not runs:
+        raise ValueError("method_gains needs at least one run")
+    rows = [r.metrics() for r in runs]
+    curves = [_curve(r) for r in rows]
+    gains = tuple(last_quarter_gain(r) for r in rows)
+    return Gains(gains, max(max(c[max(c)]) for c in curves), max(max(c) for c in curves))
+
+
+def number_key(label: str) -> str:
+    """A method's label as a JSON key: ``"shared_meanvar, trained on all"`` -> ``shared_meanvar_trained_on_all``."""
+    return re.sub(r"\W+", "_", label).strip("_")
+
+
+class Plateau:
+    """The last-quarter gains of every method a chapter compares, and what they allow it to say.
+
+    ``groups`` maps a method's label to its runs (one per seed).
+    """
+
+    def __init__(self, groups: Mapping[str, Iterable]):
+        self.methods = {label: method_gains(runs) for label, runs in groups.items()}
+        if not self.methods:
+            raise ValueError("Plateau needs at least one method")
+
+    @property
+    def largest(self) -> float:
+        """The last-quarter gain of the run that changed most, either way (signed), in percentage points."""
+        return max((g.largest for g in self.methods.values()), key=abs)
+
+    @property
+    def at_plateau(self) -> bool:
+        """Whether every run changed by less than :data:`PLATEAU_PP` over its last quarter."""
+        return all(g.at_plateau for g in self.methods.values())
+
+    def learning(self) -> list[str]:
+        """The methods with a run that is still learning."""
+        return [label for label, g in self.methods.items() if not g.at_plateau]
+
+    def table(self) -> pd.DataFrame:
+        """One row per method: its runs, the bit-width read, the last quarter's epochs, the gain as
+        mean ± s.e. over seeds and the largest gain of a run, in percentage points."""
+        rows = []
+        for label, g in self.methods.items():
+            ref = reference_epoch(g.epochs)
+            rows.append({"method": label, "runs": len(g.gains), "bits": g.bits,
+                         "last quarter (epochs)": f"{ref or 'start'} → {g.epochs}",
+                         "gain (pp), mean ± s.e.": g.describe(),
+                         "largest gain (pp)": f"{g.largest:+.2f}",
+                         "still learning": "yes" if not g.at_plateau else "no"})
+        return pd.DataFrame(rows)
+
+    def show(self, caption: str = "gain of test accuracy (pp) over the last quarter of training"):
+        """:meth:`table` as an HTML table in its own scroll box (:func:`emq.book.plots.show_table`)."""
+        return show_table(self.table(), caption=caption, index=False)
+
+    def numbers(self) -> dict[str, float]:
+        """What a chapter records: ``at_plateau`` (1.0 / 0.0), ``max_last_quarter_gain_pp`` and
+        every method's mean gain, ``last_quarter_gain_pp_<method>``."""
+        out = {"at_plateau": float(self.at_plateau), "max_last_quarter_gain_pp": abs(self.largest)}
+        out.update({f"last_quarter_gain_pp_{number_key(label)}": g.mean for label, g in self.methods.items()})
+        return out
+
+    def status(self) -> str:
+        """One sentence (Markdown) on whether the chapter's comparisons are verdicts."""
+        runs = sum(len(g.gains) for g in self.methods.values())
+        if self.at_plateau:
+            who = "The run is" if runs == 1 else f"All {runs} runs are"
+            return (f"**{who} at a plateau**: at its highest trained bit-width, every run changed by "
+                    f"less than {PLATEAU_PP} pp of test accuracy over the last quarter of its training "
+                    f"(at most {self.largest:+.2f} pp), so the comparisons below are verdicts at a plateau.")
+        n = sum(sum(abs(g) >= PLATEAU_PP for g in m.gains) for m in self.methods.values())
+        who = (f"the run changed by {self.largest:+.1f} pp" if runs == 1 else
+               f"{n} of {runs} runs changed by {PLATEAU_PP} pp or more (up to {self.largest:+.1f} pp)")
+        return (f"**The networks are still learning**: {who} of test accuracy at the highest trained "
+                "bit-width over the last quarter of training. The comparisons below describe these runs; "
+                "they are not verdicts on the methods, which longer training could change.")
+
+    def lead(self) -> str:
+        """The words before a list of outcomes: a verdict at a plateau, or what still-learning runs show."""
+        if self.at_plateau:
+            return "**Verdict, at a plateau:**"
+        return (f"**Not a verdict** (the networks are still learning: up to {self.largest:+.1f} pp over the "
+                "last quarter of training); these runs show:")
+
+    def verdict(self, outcome: str) -> str:
+        """A verdict's headline: ``**Supported**, at a plateau`` when every run is at a plateau,
+        else the outcome these still-learning runs show, marked as no verdict."""
+        if self.at_plateau:
+            return f"**{outcome}**, at a plateau"
+        return (f"**Not a verdict** (still learning: up to {self.largest:+.1f} pp over the last quarter); "
+                f"these runs show: *{outcome[:1].lower() + outcome[1:]}*")
