@@ -69,8 +69,8 @@ runs: venv data
 GPU_PY ?= python3
 gpu-evidence:
 	@mkdir -p results/gpu
-	$(if $(DRY_RUN),,$(GPU_PY) -m emq bench --throughput --no-book --size full --device cuda | tee results/gpu/throughput.txt)
-	$(GPU_PY) -m emq grid gpu_evidence --profile gpu --device $(if $(DRY_RUN),cpu,cuda) --jobs 6 --threads 2 $(if $(DRY_RUN),--dry-run)
+	$(if $(DRY_RUN),,"$(GPU_PY)" -m emq bench --throughput --no-book --size full --device cuda | tee results/gpu/throughput.txt)
+	"$(GPU_PY)" -m emq grid gpu_evidence --profile gpu --device $(if $(DRY_RUN),cpu,cuda) --jobs 6 --threads 2 $(if $(DRY_RUN),--dry-run)
 
 bench: venv data
 	$(PY) -m emq.bench --coreset
