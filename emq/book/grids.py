@@ -60,10 +60,11 @@ def scale_grid(profile: str) -> list[Cell]:
     cells = [cell(m, data_train_size=sizes[0], data_test_size=test, train_epochs=e)
              for m in SCALE_METHODS for e in epochs]
     if profile == "cpu":
-        cells += [cell("full_precision", data_train_size=24576, data_test_size=test, train_epochs=e)
+        middle, every = sizes[1], sizes[2]
+        cells += [cell("full_precision", data_train_size=middle, data_test_size=test, train_epochs=e)
                   for e in (4, 8, 16)]
-        cells += [cell("full_precision", data_train_size=0, data_test_size=test, train_epochs=e) for e in (2, 4, 8)]
-        cells += [cell(m, data_train_size=0, data_test_size=test, train_epochs=4) for m in SCALE_METHODS[1:]]
+        cells += [cell("full_precision", data_train_size=every, data_test_size=test, train_epochs=e) for e in (2, 4, 8)]
+        cells += [cell(m, data_train_size=every, data_test_size=test, train_epochs=4) for m in SCALE_METHODS[1:]]
         # 40 % of the 6,144 images: is the data redundant at this scale (chapter 04's question)?
         cells += [cell("full_precision", data_train_size=2458, data_test_size=test, train_epochs=e) for e in (16, 32)]
     else:
