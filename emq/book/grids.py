@@ -74,8 +74,8 @@ def scale_grid(profile: str) -> list[Cell]:
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------
 # Chapter 02's headline comparison on all 60k Fashion-MNIST images with ResNet-20 (the gpu
-# profile's model and data), 3 seeds, at a length one H100-class GPU trains in about 8 minutes
-# with 6 runs at a time: 20 epochs of batch 256.
+# profile's model and data), 3 seeds, 20 epochs of batch 256, six runs at a time: a length chosen
+# to fit the 10-minute budget of one H100-class GPU by estimate, not yet measured on one.
 GPU_EVIDENCE_METHODS = ("switchable", "shared", "shared_mean", "shared_meanvar")
 
 
