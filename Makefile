@@ -56,9 +56,10 @@ test-reference: venv data
 	  cp _build/test-results/chapters/$$name.json tests/notebooks/reference/$$name.json; \
 	done
 
-# Train every missing run of every grid at $(PROFILE) (python -m emq grid --list names them),
-# two single-thread workers at a time; interrupted runs resume, finished ones are read back.
-GRIDS := 00_scale
+# Train every missing run of every chapter's grid at $(PROFILE) (emq.book.grids.CHAPTER_GRIDS; python -m
+# emq grid NAME --dry-run lists a grid's runs), two single-thread workers at a time; interrupted runs
+# resume, finished ones are read back. The scale study's runs on all 60k images come last.
+GRIDS := 01_quantization_bias 02_shared_bn 03_knowledge_transfer 04_coreset_pruning 06_methods 00_scale
 JOBS ?= 2
 runs: venv data
 	@for g in $(GRIDS); do $(PY) -m emq grid $$g --profile $(PROFILE) --jobs $(JOBS) || exit 1; done

@@ -14,6 +14,10 @@
    bf16, each beside a full-precision step of the same model; the quantization overhead and
    the time of one 50k-image epoch. Full size (batch 256, 224 px) on a GPU; a small size on
    the CPU (``--size``). Synthetic inputs: this measures the step, not the data pipeline.
+5. With ``--speed-options``: one multi-bit step of the profile's model on a real batch, eager
+   against channels-last, ``torch.compile`` and both, the variants' steps interleaved.
+6. With ``--runner``: runs per hour of the grid runner, N one-thread processes against one
+   N-thread process.
 """
 from __future__ import annotations
 
@@ -187,6 +191,48 @@ def print_throughput(rows: list[dict], device: str, bits=(2, 4, 8, 32)) -> None:
               f"{r['fp_images_per_s']:9.0f} {r['overhead']:8.2f} {r['epoch_s']:8.1f}")
 
 
+SPEED_OPTIONS = {"eager": Speed(), "channels-last": Speed(channels_last=True), "compiled": Speed(compile=True),
+                 "compiled + channels-last": Speed(channels_last=True, compile=True)}
+
+
+def speed_option_times(profile: str, method: str, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of one multi-bit step of the profile's model under each of :data:`SPEED_OPTIONS`
+    (fp32: bf16's 8-bit significand is as coarse as an 8-bit grid), on one batch; each repeat steps
+    every variant once, in turn, so that all see the same machine state. The compiled variants'
+    first steps (one graph per bit-width) are warm-up and are not timed."""
+    cfg = method_config(method, load_config(profile=profile, overrides={"data.root": str(repo_root() / "data")}))
+    dev = resolve_device(device)
+    data = load_data(cfg.data)
+    x0, y, _ = next(data.train.batches(cfg.train.batch_size, shuffle=True, device=dev))
+    torch._dynamo.reset()
+    steps = {}
+    for name, speed in SPEED_OPTIONS.items():
+        torch.manual_seed(0)
+        model = build_model(cfg, data, dev).train()
+        step_model = prepare_model(model, speed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = prepare_input(x0, speed)
+
+        def one(step_model=step_model, opt=opt, x=x):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            train_step(step_model, shared_batch(x, y, cfg.train.bits), cfg.train.distill)
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        steps[name] = one
+    for one in steps.values():
+        for _ in range(3):
+            one()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, one in steps.items():
+            times[name].append(one())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def runner_throughput(profile: str, runs: int, layouts: tuple[tuple[int, int], ...]) -> list[dict]:
     """Runs per hour of the grid runner (:func:`emq.book.grids.run_grid`) at each (processes, threads)
     layout: the same ``runs`` runs of the profile's multi-bit model (seeds 0..runs-1), each layout
@@ -215,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--throughput", action="store_true", help="add the training-throughput section (section 4)")
     p.add_argument("--size", choices=("auto", "full", "small"), default="auto",
                    help="throughput at full size (batch 256, 224 px) or small; auto: full on CUDA, small on CPU")
+    p.add_argument("--speed-options", action="store_true",
+                   help="a multi-bit step eager, channels-last, compiled and both (section 5)")
     p.add_argument("--runner", action="store_true",
                    help="runs per hour of the grid runner: N one-thread processes against one N-thread process")
     p.add_argument("--runner-runs", type=int, default=4, help="runs trained per layout by --runner (default 4)")
@@ -234,6 +282,11 @@ def main(argv=None) -> int:
         size = args.size if args.size != "auto" else ("full" if cuda else "small")
         comp = cuda if args.compile == "auto" else args.compile == "on"
         print_throughput(throughput(size, args.device, args.repeats, comp), args.device)
+    if args.speed_options:
+        t = speed_option_times(args.profile, args.method, args.repeats, args.device)
+        print(f"speed options, one multi-bit step of the {args.profile} model (median of {args.repeats}, interleaved):")
+        for name, seconds in t.items():
+            print(f"  {name:26} {1000 * seconds:8.1f} ms  speed-up {t['eager'] / seconds:5.2f}x")
     if args.runner:
         cores = torch.get_num_threads()
         rows = runner_throughput(args.profile, args.runner_runs, ((cores, 1), (1, cores)))

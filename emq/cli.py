@@ -14,7 +14,7 @@ import sys
 
 from emq.analysis.evaluation import evaluate_run
 from emq.bench import main as bench_main
-from emq.book.grids import GRIDS, grid_cells, run_grid
+from emq.book.grids import GRIDS, grid_stages, run_grid
 from emq.config import PROFILES, ConfigError, load_config, parse_overrides
 from emq.data.check import missing_pieces
 from emq.data.datasets import DataError, fetch_fashion_mnist
@@ -138,8 +138,8 @@ def _grid(args) -> None:
         return
     store = ResultsStore(args.results)
     if args.list:
-        for c in grid_cells(args.name, args.profile):
-            for cfg in c.configs(load_config(profile=args.profile)):
+        for c, stages in grid_stages(args.name, args.profile):
+            for cfg in stages:
                 state = "finished" if store.is_finished(cfg) else "missing"
                 print(f"{cfg.hash()}  {state:<8}  {c.label}")
         return

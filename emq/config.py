@@ -106,6 +106,9 @@ class TrainConfig:
     init_from: str = ""  # hash of a finished run in the same store whose weights start this one
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    # epochs between test evaluations; the last epoch and the start of its last quarter
+    # (emq.analysis.stats.reference_epoch, for the plateau rule) are always evaluated
+    eval_every: int = 1
     # Speed options (emq.training.speed). auto = on for CUDA, off on the CPU, so CPU runs are unchanged.
     amp: str = "auto"  # bf16 autocast of the forward passes: auto | off | bf16
     channels_last: str = "auto"  # NHWC memory format for model and inputs: auto | off | on
@@ -256,9 +259,11 @@ def from_dict(d: dict) -> RunConfig:
 
 
 # What the registries above config implement, registered by each where it is defined (the
-# quantization schemes and corrections in emq.quant, the architectures in emq.nn.models, the
-# coreset scores and modes in emq.training.coresets), so that validate checks a config against
-# the registry itself rather than a second list, and config imports nothing of emq but its errors.
+# quantization schemes and corrections in emq.quant; the norms, full-precision activations,
+# architectures and blocks in emq.nn; the distillation modes, progressive recipes, optimizers,
+# schedules, speed options and coreset scores and modes in emq.training), so that validate checks
+# a config against the registry itself rather than a second list, and config imports nothing of
+# emq but its errors and the profiles.
 # Importing emq (which any ``import emq.<module>`` does first) registers them all.
 _REGISTERED: dict[str, object] = {}
 
@@ -279,22 +284,23 @@ def validate(cfg: RunConfig) -> None:
     """Check values that types alone do not: names of choices, bit-widths, sizes."""
     check_bits, check_scheme_bits = registered("bits"), registered("scheme bits")
     choices = {
-        "quant.weight_quantizer": (cfg.quant.weight_quantizer, tuple(registered("quant.weight_quantizer"))),
-        "quant.act_quantizer": (cfg.quant.act_quantizer, tuple(registered("quant.act_quantizer"))),
-        "quant.norm": (cfg.quant.norm, ("switchable", "shared")),
-        "quant.correction": (cfg.quant.correction, tuple(registered("quant.correction"))),
-        "quant.fp_act": (cfg.quant.fp_act, ("relu", "clamp")),
-        "train.distill": (cfg.train.distill, ("recursive", "hard", "soft", "joint")),
-        "train.progressive": (cfg.train.progressive, ("none", "weights_first", "bits")),
-        "model.arch": (cfg.model.arch, tuple(registered("model.arch"))),
-        "model.block": (cfg.model.block, ("emq", "any_precision")),
-        "train.optimizer": (cfg.train.optimizer, ("sgd", "adam")),
-        "train.schedule": (cfg.train.schedule, ("cosine", "step")),
-        "train.amp": (cfg.train.amp, ("auto", "off", "bf16")),
-        "train.channels_last": (cfg.train.channels_last, ("auto", "off", "on")),
-        "train.compile": (cfg.train.compile, ("auto", "off", "on")),
+        "quant.weight_quantizer": cfg.quant.weight_quantizer,
+        "quant.act_quantizer": cfg.quant.act_quantizer,
+        "quant.norm": cfg.quant.norm,
+        "quant.correction": cfg.quant.correction,
+        "quant.fp_act": cfg.quant.fp_act,
+        "train.distill": cfg.train.distill,
+        "train.progressive": cfg.train.progressive,
+        "model.arch": cfg.model.arch,
+        "model.block": cfg.model.block,
+        "train.optimizer": cfg.train.optimizer,
+        "train.schedule": cfg.train.schedule,
+        "train.amp": cfg.train.amp,
+        "train.channels_last": cfg.train.channels_last,
+        "train.compile": cfg.train.compile,
     }
-    for key, (value, allowed) in choices.items():
+    for key, value in choices.items():
+        allowed = tuple(registered(key))
         if value not in allowed:
             raise ConfigError(f"config key {key!r} is {value!r}: use one of {', '.join(allowed)}")
     if not cfg.train.bits:
@@ -323,7 +329,8 @@ def validate(cfg: RunConfig) -> None:
     validate_block(cfg)
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "model.depth": cfg.model.depth, "model.width": cfg.model.width,
-                "train.kd_temperature": cfg.train.kd_temperature, "train.gamma": cfg.train.gamma}
+                "train.kd_temperature": cfg.train.kd_temperature, "train.gamma": cfg.train.gamma,
+                "train.eval_every": cfg.train.eval_every}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {value}")

@@ -22,6 +22,9 @@ TINY_1_EPOCH = {**TINY, "data.train_size": 128, "data.test_size": 64, "train.epo
 TINY_METHODS = {"data.root": str(DATA_ROOT), "data.train_size": 128, "data.test_size": 64, "train.batch_size": 32,
                 "train.epochs": 2}
 
+# Whether this session collected the smoke chapters for nbval (set below, read by test_chapter_numbers.py)
+NOTEBOOKS_RAN = pytest.StashKey[bool]()
+
 
 def pytest_sessionstart(session):
     """Remove the notebooks' results store, so nbval re-trains instead of reading back; and give
@@ -45,8 +48,6 @@ def _one_thread():
 def pytest_collection_modifyitems(session, config, items):
     """nbval's re-execution of the smoke chapters runs first, so that the numbers it writes are
     there for ``test_chapter_numbers.py`` (which is told whether they were executed at all)."""
-    from test_chapter_numbers import NOTEBOOKS_RAN
-
     notebooks = [i for i in items if i.path.suffix == ".ipynb"]
     items[:] = notebooks + [i for i in items if i.path.suffix != ".ipynb"]
     config.stash[NOTEBOOKS_RAN] = bool(notebooks)

@@ -311,9 +311,10 @@ def test_a_block_without_its_layout_and_unknown_choices_are_config_errors(overri
         load_config(overrides=overrides)
 
 
-def test_every_committed_run_loads_and_keeps_its_hash():
+def test_the_new_fields_at_their_defaults_leave_every_committed_runs_hash_unchanged():
     """The new fields default to today's behaviour: they stay out of every stored config's hash, which
-    is the same whether config.json names them (at their defaults) or predates them."""
+    is the same whether config.json names them (at their defaults) or predates them. (That each hash
+    is its run's folder name: test_config.py.)"""
     paths = sorted((ROOT / "results" / "runs").glob("*/config.json"))
     assert paths, "no committed runs"
     new = {"model": ("block",), "train": ("optimizer", "schedule", "milestones", "gamma")}
@@ -321,7 +322,6 @@ def test_every_committed_run_loads_and_keeps_its_hash():
     for path in paths:
         stored = json.loads(path.read_text())
         cfg = from_dict(stored)
-        assert cfg.hash() == path.parent.name, path
         if any(k in cfg.non_default().get(section, {}) for section, keys in new.items() for k in keys):
             continue  # a run that uses the new options (any_precision_published): they are in its hash
         older_runs += 1

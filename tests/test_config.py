@@ -221,6 +221,25 @@ def test_invalid_choice_is_rejected_naming_the_key_and_the_choices(key, value):
     assert f"config key '{key}' is '{value}': use one of" in str(e.value)
 
 
+def test_the_choices_of_each_key_are_the_registry_of_the_code_that_implements_them(monkeypatch):
+    """validate reads every key's allowed values from where they are implemented (no second list in
+    config.py): a new optimizer is one entry in the training loop's table, and a valid config value."""
+    from emq.config import registered
+    from emq.nn import layers, models
+    from emq.training import distill, loop, recipes, speed
+
+    implemented = {"quant.norm": layers.NORMS, "quant.fp_act": layers.FP_ACTS, "model.block": models.BLOCKS,
+                   "train.distill": distill.DISTILL, "train.progressive": recipes.PROGRESSIVE,
+                   "train.optimizer": loop.OPTIMIZERS, "train.schedule": loop.SCHEDULES, "train.amp": speed.AMP,
+                   "train.channels_last": speed.SWITCH, "train.compile": speed.SWITCH}
+    for key, registry in implemented.items():
+        assert registered(key) is registry, key
+    with pytest.raises(ConfigError, match="'train.optimizer' is 'rmsprop': use one of sgd, adam$"):
+        load_config(overrides={"train.optimizer": "rmsprop"})
+    monkeypatch.setitem(loop.OPTIMIZERS, "rmsprop", lambda model, t: None)
+    assert load_config(overrides={"train.optimizer": "rmsprop"}).train.optimizer == "rmsprop"
+
+
 @pytest.mark.parametrize("key, value", [("train.epochs", 0), ("train.batch_size", -1), ("model.depth", 0),
                                         ("model.width", 0.0), ("data.train_size", -5)])
 def test_non_positive_sizes_are_rejected(key, value):

@@ -1,16 +1,23 @@
 """Run grids are data: every grid builds at its profiles, each run once, pretraining first; the
 runner trains exactly the runs its store lacks, on several processes, and then nothing."""
+import json
+from pathlib import Path
+
 import pytest
 from conftest import TINY_1_EPOCH as TINY
 from test_speed import needs_data
 
 from emq.book import grids
-from emq.book.grids import cell, grid_configs, run_grid
+from emq.book.grids import CHAPTER_GRIDS, GRIDS, Grid, cell, grid_configs, run_grid
 from emq.config import ConfigError, load_config
 from emq.results import ResultsStore
 
+ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.mark.parametrize(("name", "profile"), [("00_scale", "smoke"), ("00_scale", "cpu"), ("gpu_evidence", "gpu")])
+
+@pytest.mark.parametrize(("name", "profile"), [(name, profile) for name in CHAPTER_GRIDS for profile in
+                                               ("smoke", "cpu", "gpu") if (name, profile) != ("00_scale", "gpu")]
+                         + [("gpu_evidence", "gpu")])
 def test_every_grid_lists_each_run_once_with_its_pretraining_run_before_it(name, profile):
     configs = grid_configs(name, profile)
     hashes = [c.hash() for c in configs]
@@ -18,6 +25,25 @@ def test_every_grid_lists_each_run_once_with_its_pretraining_run_before_it(name,
     for i, cfg in enumerate(configs):
         if cfg.train.init_from:
             assert cfg.train.init_from in hashes[:i]
+
+
+@pytest.mark.parametrize("name", [name for name in CHAPTER_GRIDS if name != "00_scale"])
+def test_at_the_cpu_profile_a_chapters_grid_is_exactly_the_runs_its_committed_chapter_read(name):
+    read = set(json.loads((ROOT / "results" / "chapters" / f"{name}.runs.json").read_text()))
+    assert {c.hash() for c in grid_configs(name, "cpu")} == read
+
+
+def test_the_scale_chapter_read_only_runs_of_its_grid():
+    read = set(json.loads((ROOT / "results" / "chapters" / "00_scale.runs.json").read_text()))
+    assert read and read <= {c.hash() for c in grid_configs("00_scale", "cpu")}
+
+
+def test_make_runs_trains_every_chapters_grid():
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("GRIDS :="))
+    assert sorted(line.split(":=")[1].split()) == sorted(CHAPTER_GRIDS)
+    # chapter 05 trains through torchrun (its runbook), the synthesis trains nothing
+    assert set(CHAPTER_GRIDS) == {p.stem for p in (ROOT / "book").glob("0*.ipynb")} - {"05_full_scale", "07_synthesis"}
+    assert "gpu_evidence" in GRIDS and "gpu_evidence" not in CHAPTER_GRIDS
 
 
 def test_an_unknown_grid_or_profile_is_a_one_line_config_error():
@@ -39,8 +65,8 @@ def test_the_scale_grid_varies_epochs_and_training_set_size_for_full_precision_a
 @needs_data
 def test_the_runner_trains_the_missing_runs_on_two_processes_then_nothing(tmp_path, monkeypatch):
     # a grid registered for this test only (undone after it)
-    monkeypatch.setitem(grids.GRIDS, "tiny", lambda profile: [cell("full_precision"), cell("shift"),
-                                                             cell("any_precision", train_seed=1)])
+    monkeypatch.setitem(grids.GRIDS, "tiny", lambda profile: Grid({"all": {
+        "fp": cell("full_precision"), "shift": cell("shift"), "ap": cell("any_precision", train_seed=1)}}))
     base = load_config(profile="smoke", overrides=TINY)
     store = ResultsStore(tmp_path)
     lines = []

@@ -6,7 +6,15 @@ import pandas as pd
 import pytest
 
 from emq.analysis import stats
-from emq.analysis.stats import Difference, difference, format_value, pm_table
+from emq.analysis.stats import (
+    Difference,
+    difference,
+    format_value,
+    interpolate_neighbours,
+    largest_ratio_within,
+    pm_table,
+    select,
+)
 from emq.book import plots
 
 
@@ -50,3 +58,28 @@ def test_a_difference_of_single_seeds_shows_one_seed_and_no_standard_error():
     assert d.describe() == "-4.00 pp (1 seed)"
     assert "±" not in d.describe() and not d.clear
     assert Difference(1.5, 0.0, 1, 3).describe() == "+1.50 pp (1 seed)"
+
+
+def test_select_gives_the_accuracies_of_the_rows_that_match_every_value_named():
+    df = frame({("a", 2): [0.80, 0.90], ("a", 4): [0.85], ("b", 2): [0.70, 0.75, 0.72]})
+    assert select(df, method="a", bits=2).tolist() == [0.80, 0.90]
+    assert select(df, method="b", bits=2, seed=[0, 2]).tolist() == [0.70, 0.72]  # a list: any of its values
+    assert select(df, "seed", method="a").tolist() == [0, 1, 0]
+    assert select(df, None, method="c").empty and list(select(df, None, bits=4).method) == ["a"]
+
+
+def test_an_untrained_bit_width_is_set_against_the_straight_line_between_its_trained_neighbours():
+    df = frame({("a", 2): [0.60, 0.70], ("a", 4): [0.80, 0.90], ("a", 8): [0.88, 0.90], ("b", 2): [0.1, 0.1]})
+    assert interpolate_neighbours(df, 3, (2, 4, 8, 32), method="a").tolist() == pytest.approx([0.70, 0.80])
+    assert interpolate_neighbours(df, 5, (2, 4, 8, 32), method="a").tolist() == pytest.approx([0.82, 0.90])
+    with pytest.raises(ValueError, match="on each side"):
+        interpolate_neighbours(df, 1, (2, 4, 8, 32), method="a")
+    with pytest.raises(ValueError, match="not the same seeds"):
+        interpolate_neighbours(frame({("a", 2): [0.6, 0.7], ("a", 4): [0.8]}), 3, (2, 4), method="a")
+
+
+def test_the_largest_ratio_within_a_margin_stops_at_the_first_ratio_that_falls_outside_it():
+    worst = {0.5: -0.8, 0.3: -0.2, 0.6: -0.1, 0.8: -3.0}  # ratio -> worst bit-width's difference, pp
+    assert largest_ratio_within(worst, 0.5) == 0.3  # 0.6 is within again, but after 0.5 fell outside
+    assert largest_ratio_within(worst, 1.0) == 0.6
+    assert largest_ratio_within({0.3: -2.0, 0.5: 0.0}, 1.0) == 0.0

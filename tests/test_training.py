@@ -17,13 +17,14 @@ from conftest import TINY
 import emq.analysis.evaluation
 import emq.training.loop
 from emq.analysis.evaluation import evaluate, evaluate_run, recalibrate_bn
+from emq.book.plateau import last_quarter_gain
 from emq.config import ConfigError, load_config
 from emq.data.load import load_data
 from emq.nn.layers import SwitchableBatchNorm2d, set_bits
 from emq.nn.models import build_model, load_trained
 from emq.results import ResultsStore
 from emq.training.distill import soft_cross_entropy
-from emq.training.loop import shared_batch, train, train_step
+from emq.training.loop import evaluated_epochs, shared_batch, train, train_step
 
 DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
 STEPS_PER_EPOCH, TOTAL_STEPS = 4, 8
@@ -90,6 +91,19 @@ def test_metrics_have_one_row_per_epoch(finished):
     assert [r["step"] for r in rows] == [STEPS_PER_EPOCH, TOTAL_STEPS]
     for r in rows:
         assert set(r["test_acc"]) == set(r["loss"]) == {"2", "4", "8", "32"}
+
+
+def test_with_eval_every_the_test_set_is_read_every_kth_epoch_the_last_and_where_the_last_quarter_starts(
+        data, tmp_path):
+    assert evaluated_epochs(32, 8) == {8, 16, 24, 32}
+    assert evaluated_epochs(10, 4) == {4, 7, 8, 10}  # 7: the last quarter of 10 epochs starts there
+    assert evaluated_epochs(1, 5) == {1} and evaluated_epochs(3, 1) == {1, 2, 3}
+    run = run_tiny(ResultsStore(tmp_path), data, tiny(**{"train.epochs": 4, "train.eval_every": 3}))
+    rows = run.metrics()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and all("loss" in r for r in rows)
+    assert [r["epoch"] for r in rows if "test_acc" in r] == [3, 4]
+    assert run.summary["acc"] == rows[-1]["test_acc"] and run.summary["best_epoch"] in (3, 4)
+    assert last_quarter_gain(run) == pytest.approx(100 * (rows[3]["test_acc"]["32"] - rows[2]["test_acc"]["32"]))
 
 
 def test_summary_has_accuracy_per_trained_bit_width_time_and_sample_passes(finished):

@@ -1,5 +1,6 @@
-"""Seed statistics for the chapters: ``mean ± spread`` (or "(1 seed)") tables and the comparisons
-behind verdicts."""
+"""Seed statistics for the chapters: ``mean ± spread`` (or "(1 seed)") tables; the comparisons
+behind verdicts (a difference over seeds, the trained neighbours' line at an untrained bit-width,
+the largest pruning ratio within a margin); and :func:`select`, the rows of a frame they compare."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,18 @@ import pandas as pd
 # Two methods "match" when their mean accuracies differ by at most this many percentage
 # points; a difference is "clear" when it exceeds twice its standard error over seeds.
 MATCH_MARGIN_PP = 1.0
+
+
+def select(df: pd.DataFrame, column: str | None = "acc", **equal) -> pd.Series | pd.DataFrame:
+    """The ``column`` of the rows of ``df`` whose columns equal the values given, in the order of
+    ``df``: ``select(acc, method="shared", bits=2, recal=0)`` is the 2-bit zero-shot accuracies of
+    shared BN. A list, tuple or set keeps the rows whose column is any of its values
+    (``seed=[0, 1]``); ``column=None`` gives the whole rows."""
+    keep = pd.Series(True, index=df.index)
+    for name, value in equal.items():
+        keep &= df[name].isin(value) if isinstance(value, (list, tuple, set, frozenset)) else df[name] == value
+    rows = df[keep]
+    return rows if column is None else rows[column]
 
 
 def mean_std(df: pd.DataFrame, by: list[str], value: str = "acc") -> pd.DataFrame:
@@ -91,3 +104,33 @@ def difference(a: pd.Series, b: pd.Series) -> Difference:
     var = lambda s: float(s.var(ddof=1)) if len(s) > 1 else 0.0  # noqa: E731
     se = math.sqrt(var(a) / len(a) + var(b) / len(b)) if len(a) > 1 and len(b) > 1 else 0.0
     return Difference(100 * (float(a.mean()) - float(b.mean())), 100 * se, len(a), len(b))
+
+
+def interpolate_neighbours(df: pd.DataFrame, bits: int, trained: Sequence[int], column: str = "acc",
+                           **equal) -> pd.Series:
+    """What the untrained bit-width ``bits`` would reach on the straight line between its trained
+    neighbours, the nearest trained bit-widths ``lo`` below and ``hi`` above it: for each seed,
+    ``(1 - w) a(lo) + w a(hi)`` with ``w = (bits - lo) / (hi - lo)`` and ``a(t)`` the rows
+    ``select(df, column, bits=t, **equal)``, which pair in the order of ``df`` (the same seeds)."""
+    below, above = [t for t in trained if t < bits], [t for t in trained if t > bits]
+    if not below or not above:
+        raise ValueError(f"{bits} bits needs a trained bit-width on each side, got {sorted(trained)}")
+    lo, hi = max(below), min(above)
+    a_lo, a_hi = select(df, None, bits=lo, **equal), select(df, None, bits=hi, **equal)
+    pairs = [(list(a.seed) if "seed" in df else len(a)) for a in (a_lo, a_hi)]
+    if pairs[0] != pairs[1]:
+        raise ValueError(f"the runs at {lo} and {hi} bits are not the same seeds: {pairs[0]} and {pairs[1]}")
+    w = (bits - lo) / (hi - lo)
+    return (1 - w) * a_lo[column].reset_index(drop=True) + w * a_hi[column].reset_index(drop=True)
+
+
+def largest_ratio_within(worst_pp: dict[float, float], margin_pp: float) -> float:
+    """How far a method prunes within ``margin_pp`` of the baseline: going up the pruning ratios of
+    ``worst_pp`` (ratio -> its worst bit-width's difference to the baseline, in percentage points),
+    the last ratio before the first that falls more than ``margin_pp`` below; 0 if the smallest does."""
+    within = 0.0
+    for ratio in sorted(worst_pp):
+        if worst_pp[ratio] < -margin_pp:
+            break
+        within = ratio
+    return within

@@ -7,9 +7,10 @@ analysis it calls live in the other modules of the package.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from emq.book.grids import Cell, grid_cells
+from emq.book.grids import Cell, grid_of, grid_stages
 from emq.config import DataConfig, RunConfig, load_config
 from emq.data.datasets import Dataset
 from emq.data.load import load_data
@@ -70,13 +71,27 @@ class Chapter:
         (the last stage of its method): read from the store, or trained first when missing and
         ``train_missing``; None when missing otherwise (``python -m emq grid`` trains it)."""
         out = []
-        for c in grid_cells(name, self.profile):
-            stages = c.configs(self.base)
+        for c, stages in grid_stages(name, self.profile, self.base):
             if train_missing or all(self.store.is_finished(s) for s in stages):
                 out.append((c, [self.run(s) for s in stages][-1]))
             else:
                 out.append((c, None))
         return out
+
+    def runs(self, name: str) -> GridRuns:
+        """The runs of grid ``name`` at the chapter's profile, by group and key as the grid declares
+        them (each the last stage of its method), read from the store or trained first when missing."""
+        grid = grid_of(name, self.profile)
+        base = grid.base(self.base)
+        groups: dict[str, dict] = {}
+        stages: dict[str, list[Run]] = {}
+        for group, cells in grid.groups.items():
+            groups[group] = {}
+            for key, c in cells.items():
+                runs = [self.run(cfg) for cfg in c.configs(base)]
+                groups[group][key] = runs[-1]
+                stages[runs[-1].hash] = runs
+        return GridRuns(base, groups, stages)
 
     def keep(self, run: Run) -> Run:
         """Note that the chapter read ``run`` (listed in ``results/chapters/<chapter>.runs.json``)."""
@@ -105,6 +120,23 @@ class Chapter:
         root = repo_root()
         shown = path.relative_to(root) if path.is_relative_to(root) else Path(path.parent.name, path.name)
         print(f"wrote {len(self.numbers)} numbers to {shown}")
+
+
+@dataclass(frozen=True)
+class GridRuns:
+    """A chapter's runs: ``runs["methods"][("switchable", 0)]`` is the run of that group and key."""
+
+    base: RunConfig  # the config the grid's runs start from, with this machine's data root
+    groups: dict[str, dict]  # group -> key -> Run (the last stage of its method)
+    stages: dict[str, list[Run]]  # hash of a last stage -> every stage of its method, pretraining first
+
+    def __getitem__(self, group: str) -> dict:
+        return self.groups[group]
+
+    def every_run(self, runs=None) -> list[Run]:
+        """Every stage of ``runs`` (default: of the whole grid), pretraining stages included."""
+        last = runs if runs is not None else [r for g in self.groups.values() for r in g.values()]
+        return [stage for r in last for stage in self.stages[r.hash]]
 
 
 def training_cost(runs: list[Run]) -> dict[str, float]:

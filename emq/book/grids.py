@@ -1,7 +1,8 @@
 """Run grids as data, and the runner that trains what a grid's store does not have yet.
 
 A grid names the runs a chapter reads at a profile: methods x seeds x parameters, declared
-once here rather than in a notebook. ``python -m emq grid NAME --profile P --jobs N`` trains
+once here rather than in a notebook, which reads them back by group and key
+(:meth:`emq.book.chapter.Chapter.runs`). ``python -m emq grid NAME --profile P --jobs N`` trains
 every missing run of the grid with N worker processes of one thread each (a run fine-tuned from
 another waits for it), resumable: an interrupted run continues from its checkpoint, a finished
 one is never recomputed. A chapter then reads the same configs back.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from emq.config import ConfigError, RunConfig, load_config
 from emq.methods import method_configs
+from emq.profiles import SEEDS
 from emq.results import ResultsStore
 from emq.training.loop import train
 
@@ -42,6 +44,23 @@ def cell(method: str, **overrides) -> Cell:
     return Cell(method, tuple((k.replace("_", ".", 1), v) for k, v in overrides.items()))
 
 
+@dataclass(frozen=True)
+class Grid:
+    """The runs of a chapter at one profile: named groups of cells, each under the key the chapter
+    reads it by (``("switchable", 0)``: a method and a seed), on the profile's config with ``scale``
+    (dotted overrides every run of the grid shares) applied."""
+
+    groups: Mapping[str, Mapping[Hashable, Cell]]
+    scale: Mapping[str, object] = field(default_factory=dict)
+
+    def base(self, profile_base: RunConfig) -> RunConfig:
+        """The config every run of the grid starts from."""
+        return profile_base.with_overrides(dict(self.scale))
+
+    def cells(self) -> list[Cell]:
+        return [c for group in self.groups.values() for c in group.values()]
+
+
 # ---- the scale study (book/00_scale.ipynb) --------------------------------------------------------
 # Accuracy against epochs and against training-set size, full precision alone and multi-bit
 # (switchable BN, and shared BN + mean+var correction), on the cpu model, tested on all 10k images.
@@ -51,7 +70,7 @@ SCALE_SIZES = {"smoke": (256, 512), "cpu": (6144, 24576, 0)}  # 0 = all 60k imag
 SCALE_TEST_SIZE = {"smoke": 256, "cpu": 0}
 
 
-def scale_grid(profile: str) -> list[Cell]:
+def scale_grid(profile: str) -> Grid:
     """Epochs on the profile's 6,144-image training set (every method); then full precision on
     other training-set sizes, 40 % of those images among them, and the multi-bit methods on all
     60k images for 4 epochs (about the sample-passes of 32 epochs on 6,144 images)."""
@@ -65,11 +84,13 @@ def scale_grid(profile: str) -> list[Cell]:
                   for e in (4, 8, 16)]
         cells += [cell("full_precision", data_train_size=every, data_test_size=test, train_epochs=e) for e in (2, 4, 8)]
         cells += [cell(m, data_train_size=every, data_test_size=test, train_epochs=4) for m in SCALE_METHODS[1:]]
-        # 40 % of the 6,144 images: is the data redundant at this scale (chapter 04's question)?
+        # 40 % of the 6,144 images: is the data redundant at this scale (chapter 04's question)? And the
+        # multi-bit methods there: the cheapest candidate plateau (full precision gains 0.41 pp at 32 epochs)
         cells += [cell("full_precision", data_train_size=2458, data_test_size=test, train_epochs=e) for e in (16, 32)]
+        cells += [cell(m, data_train_size=2458, data_test_size=test, train_epochs=32) for m in SCALE_METHODS[1:]]
     else:
         cells += [cell(m, data_train_size=sizes[1], data_test_size=test, train_epochs=epochs[0]) for m in SCALE_METHODS]
-    return cells
+    return Grid({"scale": {c.label: c for c in cells}})
 
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------
@@ -79,20 +100,117 @@ def scale_grid(profile: str) -> list[Cell]:
 GPU_EVIDENCE_METHODS = ("switchable", "shared", "shared_mean", "shared_meanvar")
 
 
-def gpu_evidence_grid(profile: str) -> list[Cell]:
+def gpu_evidence_grid(profile: str) -> Grid:
     if profile != "gpu":
         raise KeyError(profile)
-    return [cell(m, train_seed=s, train_epochs=20, train_batch_size=256) for m in GPU_EVIDENCE_METHODS
-            for s in (0, 1, 2)]
+    return Grid({"methods": {(m, s): cell(m, train_seed=s) for m in GPU_EVIDENCE_METHODS for s in (0, 1, 2)}},
+                scale={"train.epochs": 20, "train.batch_size": 256})
 
 
-GRIDS: dict[str, Callable[[str], list[Cell]]] = {
-    "00_scale": scale_grid,
-    "gpu_evidence": gpu_evidence_grid,
+# ---- the chapters' grids ---------------------------------------------------------------------------
+# Each keeps, at the cpu profile, the runs the committed chapters read (tests/test_grids.py checks it
+# against results/chapters/<chapter>.runs.json).
+def bias_grid(profile: str) -> Grid:
+    """Chapter 01 analyses one trained switchable network."""
+    return Grid({"switchable": {SEEDS[profile][0]: cell("switchable", train_seed=SEEDS[profile][0])}})
+
+
+BN_METHODS = ("switchable", "shared", "shared_mean", "shared_meanvar")
+ALL_BITS = (*range(2, 9), 32)  # chapter 02's control trains every bit-width the others test
+BN_ABLATIONS = {  # label -> (method, overrides)
+    "shared_meanvar, ReLU at 32": ("shared_meanvar", {"quant_fp_act": "relu"}),
+    "switchable, clamp at 32": ("switchable", {"quant_fp_act": "clamp"}),
+    "shared_meanvar, attached statistics": ("shared_meanvar", {"quant_detach_stats": False}),
 }
 
 
-def grid_cells(name: str, profile: str) -> list[Cell]:
+def bn_grid(profile: str) -> Grid:
+    """Chapter 02: the four BatchNorm treatments over the profile's seeds, the mean+var network
+    trained on every bit-width, and three ablations (one seed below the gpu profile)."""
+    seeds = SEEDS[profile]
+    ablation_seeds = seeds if profile == "gpu" else seeds[:1]
+    return Grid({
+        "methods": {(m, s): cell(m, train_seed=s) for m in BN_METHODS for s in seeds},
+        "all_bits": {s: cell("shared_meanvar", train_seed=s, train_bits=ALL_BITS) for s in seeds},
+        "ablations": {(label, s): cell(m, train_seed=s, **extra)
+                      for label, (m, extra) in BN_ABLATIONS.items() for s in ablation_seeds},
+    })
+
+
+TRANSFER_CHILDREN = (32, 2)  # chapter 03's child A (full precision) and child B (2 bits), high to low
+
+
+def transfer_grid(profile: str) -> Grid:
+    """Chapter 03: two children sharing weights, each on its own half of the data (shard sampling),
+    and each child alone on the same half; three seeds (two at smoke): each child sees half the data."""
+    seeds = (0, 1) if profile == "smoke" else (0, 1, 2)
+
+    def child(seed: int, bits=TRANSFER_CHILDREN, offset: int = 0) -> Cell:
+        return cell("shared_meanvar", train_bits=bits, train_distill="hard", train_seed=seed, coreset_score="shard",
+                    coreset_prune=0.5, coreset_warmup_epochs=0, coreset_shard_offset=offset)
+
+    return Grid({"shared": {s: child(s) for s in seeds},
+                 "alone": {(b, s): child(s, (b,), TRANSFER_CHILDREN.index(b)) for b in TRANSFER_CHILDREN
+                           for s in seeds}})
+
+
+PRUNE_RATIOS = (0.3, 0.5, 0.6, 0.7, 0.8)
+PRUNE_SCORES = ("el2n", "grand", "grand_last", "loss", "random")
+
+
+def pruning_grid(profile: str) -> Grid:
+    """Chapter 04: multi-bit training (shared BN + mean+var) on the full data and on pruned data,
+    keyed by "score, mode", ratio and seed. At the cpu profile EL2N and random (static) cover every
+    ratio with every seed, the other scores and modes p = 0.6 with one seed, on 2,048 images in
+    batches of 64 (1,000 test images); the gpu profile runs every score and mode at every ratio."""
+    seeds = SEEDS[profile]
+    if profile == "gpu":
+        plan = {(s, m): (PRUNE_RATIOS, seeds) for m in ("static", "dynamic") for s in PRUNE_SCORES}
+        plan.update({(s, "lightweight"): (PRUNE_RATIOS, seeds) for s in ("el2n", "loss")})
+    else:
+        main = (0.5, 0.8) if profile == "smoke" else PRUNE_RATIOS
+        side = ((0.5,) if profile == "smoke" else (0.6,), seeds[:1])
+        plan = {("el2n", "static"): (main, seeds), ("random", "static"): (main, seeds)}
+        plan.update({(s, "static"): side for s in ("grand", "grand_last", "loss")})
+        plan.update({("el2n", "dynamic"): side, ("el2n", "lightweight"): side})
+    scale = {"smoke": {"train.epochs": 2},
+             "cpu": {"data.train_size": 2048, "data.test_size": 1000, "train.batch_size": 64}, "gpu": {}}[profile]
+    warmup = {"smoke": 1, "cpu": 1, "gpu": 5}[profile]  # full-data epochs before the first selection
+    used = sorted({s for _, ss in plan.values() for s in ss})
+    return Grid({
+        "baseline": {s: cell("shared_meanvar", train_seed=s) for s in used},
+        "pruned": {(f"{score}, {mode}", p, s): cell("shared_meanvar", train_seed=s, coreset_prune=p,
+                                                     coreset_score=score, coreset_mode=mode)
+                   for (score, mode), (ratios, ss) in plan.items() for p in ratios for s in ss},
+    }, scale={**scale, "coreset.warmup_epochs": warmup})
+
+
+COMPARED_METHODS = ("any_precision", "any_precision_published", "emq", "lsq", "qil", "shift", "double_rounding",
+                    "progressive_weights", "progressive_bits", "stochastic_precision", "joint_kd")
+REFERENCE_METHOD = "full_precision"
+
+
+def methods_grid(profile: str) -> Grid:
+    """Chapter 06: every compared method and the full-precision reference over the profile's seeds;
+    at the cpu profile on half the images for three epochs."""
+    scale = {"cpu": {"data.train_size": 3072, "train.epochs": 3}}.get(profile, {})
+    return Grid({"methods": {(m, s): cell(m, train_seed=s) for m in (*COMPARED_METHODS, REFERENCE_METHOD)
+                             for s in SEEDS[profile]}}, scale=scale)
+
+
+GRIDS: dict[str, Callable[[str], Grid]] = {
+    "00_scale": scale_grid,
+    "01_quantization_bias": bias_grid,
+    "02_shared_bn": bn_grid,
+    "03_knowledge_transfer": transfer_grid,
+    "04_coreset_pruning": pruning_grid,
+    "06_methods": methods_grid,
+    "gpu_evidence": gpu_evidence_grid,
+}
+CHAPTER_GRIDS = tuple(name for name in GRIDS if name[:2].isdigit())  # what `make runs` trains
+
+
+def grid_of(name: str, profile: str) -> Grid:
     if name not in GRIDS:
         raise ConfigError(f"unknown grid {name!r}: grids are {', '.join(GRIDS)}")
     try:
@@ -101,12 +219,19 @@ def grid_cells(name: str, profile: str) -> list[Cell]:
         raise ConfigError(f"grid {name!r} has no {profile!r} profile") from None
 
 
+def grid_stages(name: str, profile: str, base: RunConfig | None = None) -> list[tuple[Cell, list[RunConfig]]]:
+    """Every cell of grid ``name`` at ``profile`` with its runs (pretraining stages first), on ``base``
+    (default: the profile's config)."""
+    grid = grid_of(name, profile)
+    start = grid.base(base or load_config(profile=profile))
+    return [(c, c.configs(start)) for c in grid.cells()]
+
+
 def grid_configs(name: str, profile: str, base: RunConfig | None = None) -> list[RunConfig]:
     """Every run of grid ``name`` at ``profile``, each once, pretraining stages before their users."""
-    base = base or load_config(profile=profile)
     out: dict[str, RunConfig] = {}
-    for c in grid_cells(name, profile):
-        for cfg in c.configs(base):
+    for _, stages in grid_stages(name, profile, base):
+        for cfg in stages:
             out.setdefault(cfg.hash(), cfg)
     return list(out.values())
 
@@ -126,12 +251,18 @@ def run_grid(name: str, profile: str, store: ResultsStore, jobs: int = 2, thread
     return train_all(grid_configs(name, profile, base), store, jobs, threads, f"grid {name} at {profile}", echo, device)
 
 
+def run_cost(cfg: RunConfig) -> int:
+    """A run's size for ordering the runner's queue (cheapest first, so results land early): training
+    images x epochs x trained bit-widths; the whole split counts as 60,000 images."""
+    return (cfg.data.train_size or 60_000) * cfg.train.epochs * len(cfg.train.bits)
+
+
 def train_all(configs: list[RunConfig], store: ResultsStore, jobs: int = 2, threads: int = 1, title: str = "runs",
               echo: Callable[[str], None] = print, device: str = "cpu") -> list[str]:
-    """Train every config the store lacks with ``jobs`` processes of ``threads`` threads; one line
-    per run. Runs fine-tuned from another (``train.init_from``) start once it has finished.
-    Returns the hashes trained."""
-    todo = [c for c in configs if not store.is_finished(c)]
+    """Train every config the store lacks with ``jobs`` processes of ``threads`` threads, cheapest
+    first (:func:`run_cost`); one line per run. Runs fine-tuned from another (``train.init_from``)
+    start once it has finished. Returns the hashes trained."""
+    todo = sorted((c for c in configs if not store.is_finished(c)), key=run_cost)
     echo(f"{title}: {len(configs)} runs, {len(configs) - len(todo)} in the store, "
          f"{len(todo)} to train with {jobs} process(es) x {threads} thread(s)")
     done: list[str] = []

@@ -30,16 +30,9 @@ import pandas as pd
 
 from emq.analysis.stats import format_mean_se
 from emq.book.plots import show_table
+from emq.training.loop import reference_epoch
 
 PLATEAU_PP = 0.5  # percentage points over the last quarter of training
-
-
-def reference_epoch(epochs: int) -> int:
-    """The epoch the last quarter is measured from: ``floor(3 E / 4)``, at least one epoch before
-    the last (0, before training, for a one-epoch run)."""
-    if epochs < 1:
-        raise ValueError(f"a run has at least one epoch, got {epochs}")
-    return min(3 * epochs // 4, epochs - 1)
 
 
 def _curve(rows: Iterable[Mapping]) -> dict[int, dict[int, float]]:

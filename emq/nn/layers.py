@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emq.config import register
 from emq.quant.quantizers import FULL_PRECISION, check_bits, correct_weight_bias, quantize_activation, quantize_weight
 
 
@@ -69,6 +70,11 @@ class QLinear(nn.Linear, QuantWeightMixin):
         return F.linear(x, self.effective_weight(), self.bias)
 
 
+# quant.fp_act: the activation of QAct at 32 bits
+FP_ACTS = ("relu", "clamp")
+register("quant.fp_act", FP_ACTS)
+
+
 class QAct(MultiBit):
     """Activation: ``q_b(x)`` for b < 32; at 32 bits ``fp_act`` ("relu" or "clamp" to [0, 1]).
 
@@ -77,7 +83,7 @@ class QAct(MultiBit):
 
     def __init__(self, fp_act: str = "relu", quantizer: nn.Module | None = None):
         super().__init__()
-        if fp_act not in ("relu", "clamp"):
+        if fp_act not in FP_ACTS:
             raise ValueError(f"unknown full-precision activation {fp_act!r}: use relu or clamp")
         self.fp_act = fp_act
         self.quantizer = quantizer
@@ -115,6 +121,11 @@ class SwitchableBatchNorm2d(MultiBit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn_for(self.bits)(x)
+
+
+# quant.norm: the norms make_norm and make_layer_norm build
+NORMS = ("switchable", "shared")
+register("quant.norm", NORMS)
 
 
 def make_norm(kind: str, num_features: int, bits: Iterable[int]) -> nn.Module:

@@ -77,6 +77,11 @@ class AnyPrecisionBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(a))
 
 
+# model.block: the residual blocks ResNet builds (emq: Block; any_precision: AnyPrecisionBlock, upstream's layout)
+BLOCKS = ("emq", "any_precision")
+register("model.block", BLOCKS)
+
+
 class ResNet(nn.Module):
     """CIFAR-style ResNet of depth 6n+2 with stage widths 16, 32, 64 times ``width``.
 

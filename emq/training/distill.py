@@ -10,6 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from emq.config import register
+
+# train.distill: what each bit-width learns from (the training step, emq.training.loop, applies them):
+# recursive: soft_cross_entropy on the next-higher bit-width | hard: the labels only | soft: soft_cross_entropy
+# on the highest bit-width | joint: the labels and kd_loss with a full-precision companion
+DISTILL = ("recursive", "hard", "soft", "joint")
+register("train.distill", DISTILL)
+
 
 def soft_cross_entropy(logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against a soft target (KL up to the teacher's entropy, a constant)."""

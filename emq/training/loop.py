@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from emq.config import ConfigError, RunConfig
+from emq.config import ConfigError, RunConfig, register
 from emq.data.datasets import Dataset
 from emq.data.load import load_data
 from emq.nn.layers import set_bits
@@ -157,6 +157,11 @@ def init_from_run(model: nn.Module, store: ResultsStore, run_hash: str, device) 
         load_state(model, state, path / "model.pt")
     except ConfigError as e:
         raise ConfigError(f"train.init_from {run_hash!r}: {e}") from None
+
+
+# train.schedule: the schedules of learning_rate after the warm-up
+SCHEDULES = ("cosine", "step")
+register("train.schedule", SCHEDULES)
 
 
 def learning_rate(cfg: RunConfig, step: int, total: int, steps_per_epoch: int, epoch: int | None = None) -> float:
@@ -303,12 +308,23 @@ def _resume(run: Run, model, opt, device, world: int = 1, companion: Companion |
     return TrainState(ckpt["step"], ckpt["elapsed"], dict(ckpt.get("passes", {})), ckpt.get("eval_time", 0.0), coreset)
 
 
-def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
-    """``train.optimizer``: SGD (Nesterov when there is momentum) or Adam; weight decay is L2 in both."""
-    if t.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+def _sgd(model: nn.Module, t) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                            nesterov=t.momentum > 0)
+
+
+def _adam(model: nn.Module, t) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+# train.optimizer -> constructor(model, train config)
+OPTIMIZERS = {"sgd": _sgd, "adam": _adam}
+register("train.optimizer", OPTIMIZERS)
+
+
+def make_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
+    """``train.optimizer``: SGD (Nesterov when there is momentum) or Adam; weight decay is L2 in both."""
+    return OPTIMIZERS[t.optimizer](model, t)
 
 
 @dataclass
@@ -429,13 +445,31 @@ def _step(s: _Session, batch, epoch: int) -> dict:
     return losses
 
 
+def reference_epoch(epochs: int) -> int:
+    """The epoch the last quarter of training is measured from (the plateau rule of
+    :mod:`emq.book.plateau`): ``floor(3 E / 4)``, at least one epoch before the last (0, before
+    training, for a one-epoch run)."""
+    if epochs < 1:
+        raise ValueError(f"a run has at least one epoch, got {epochs}")
+    return min(3 * epochs // 4, epochs - 1)
+
+
+def evaluated_epochs(epochs: int, every: int) -> set[int]:
+    """The epochs (1-based) whose end evaluates the test set: every ``every``-th, the last, and the
+    start of the last quarter, so that the plateau rule can always be read."""
+    return {e for e in range(every, epochs + 1, every)} | {epochs} | ({reference_epoch(epochs)} - {0})
+
+
 def _evaluate_epoch(s: _Session, epoch: int, losses: dict) -> None:
-    """The end of an epoch: test accuracy at every trained bit-width, one metrics row."""
+    """The end of an epoch: one metrics row, with the test accuracy at every trained bit-width at
+    the epochs of :func:`evaluated_epochs`."""
     t_eval, state, par = time.perf_counter(), s.state, s.par
-    accs = {str(b): distributed.evaluate_sharded(s.model, s.data.test, b, par, s.dev) for b in s.cfg.train.bits}
     losses = distributed.mean_over(losses, par, s.dev)
     row = {"epoch": epoch + 1, "step": state.step, "lr": s.opt.param_groups[0]["lr"],
-           "loss": {str(b): v for b, v in losses.items()}, "test_acc": accs, "elapsed_s": round(state.elapsed, 3)}
+           "loss": {str(b): v for b, v in losses.items()}, "elapsed_s": round(state.elapsed, 3)}
+    if epoch + 1 in evaluated_epochs(s.cfg.train.epochs, s.cfg.train.eval_every):
+        row["test_acc"] = {str(b): distributed.evaluate_sharded(s.model, s.data.test, b, par, s.dev)
+                           for b in s.cfg.train.bits}
     if s.pruning:
         row["subset_size"] = s.subset_size if epoch >= s.cfg.coreset.warmup_epochs else len(s.data.train)
     if par.main:
@@ -518,8 +552,9 @@ def best_epoch(metrics: list[dict]) -> dict:
     its ``model_best`` by 32-bit test accuracy), not ours: ``acc`` stays the last epoch's, and
     the book reports these fields only beside it, never instead of it.
     """
-    top = str(max(int(b) for b in metrics[-1]["test_acc"]))
-    best = max(metrics, key=lambda row: (row["test_acc"][top], -row["epoch"]))
+    evaluated = [row for row in metrics if "test_acc" in row]
+    top = str(max(int(b) for b in evaluated[-1]["test_acc"]))
+    best = max(evaluated, key=lambda row: (row["test_acc"][top], -row["epoch"]))
     return {"best_epoch": best["epoch"], "acc_at_best_epoch": best["test_acc"]}
 
 

@@ -25,12 +25,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from emq.config import ConfigError, QuantConfig, TrainConfig
+from emq.config import ConfigError, QuantConfig, TrainConfig, register
 from emq.nn.layers import set_bits
 from emq.quant.quantizers import FULL_PRECISION
 from emq.quant.shiftbit import steepness_at
 
 Configure = Callable[[nn.Module, int], None]
+
+# train.progressive: none | weights_first (act_bits) | bits (active_bits)
+PROGRESSIVE = ("none", "weights_first", "bits")
+register("train.progressive", PROGRESSIVE)
 
 
 def stage(step: int, total: int, stages: int) -> int:

@@ -14,9 +14,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from emq.config import TrainConfig
+from emq.config import TrainConfig, register
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests on the CPU may use a lighter one
+
+# The values of train.amp and of train.channels_last and train.compile (resolve_speed reads them)
+AMP = ("auto", "off", "bf16")
+SWITCH = ("auto", "off", "on")
+register("train.amp", AMP)
+register("train.channels_last", SWITCH)
+register("train.compile", SWITCH)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,182 @@
+"""What the book finds, drawn together from the chapters' JSON (``results/chapters/<chapter>.json``).
+
+Each chapter records its headline numbers and whether its networks stopped learning
+(:mod:`emq.book.plateau`). :func:`findings` turns those numbers into one line per claim: what was
+claimed, whether the runs support it, the numbers that say so, and whether that is a verdict (every
+run of the chapter at a plateau) or only what networks still learning show. The synthesis chapter
+prints them, so that it changes when a chapter is re-executed.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from emq.book.grids import CHAPTER_GRIDS, grid_configs, grid_of
+from emq.config import load_config
+from emq.results import read_json
+
+CHAPTER_TITLES = {
+    "01_quantization_bias": "1. Quantization shifts the weights",
+    "02_shared_bn": "2. One BatchNorm for every bit-width",
+    "03_knowledge_transfer": "3. Knowledge transfer between bit-widths",
+    "04_coreset_pruning": "4. Bit-wise coreset sampling",
+    "05_full_scale": "5. Full scale",
+    "06_methods": "6. EMQ among the related methods",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim of a chapter and what its runs say about it."""
+
+    chapter: str
+    claim: str
+    supported: bool | None  # None: a measurement, not a yes/no claim
+    evidence: str  # the numbers behind it, as the chapter recorded them
+
+
+@dataclass(frozen=True)
+class ChapterState:
+    """Whether a chapter's networks stopped learning, and at what scale it ran."""
+
+    chapter: str
+    at_plateau: bool | None  # None: the chapter trains nothing it compares (a runbook)
+    largest_gain_pp: float | None  # the largest last-quarter gain of 32-bit accuracy of its runs
+    scale: str
+
+    @property
+    def status(self) -> str:
+        if self.at_plateau is None:
+            return "no verdicts (runbook)"
+        return "verdicts" if self.at_plateau else f"still learning ({self.largest_gain_pp:+.1f} pp)"
+
+
+def _yes(numbers: dict, key: str) -> bool:
+    return numbers[key] == 1.0
+
+
+def _bias(n: dict) -> list[Finding]:
+    none, mv = n["shift_2bit_none"], n["shift_2bit_meanvar"]
+    return [Finding("01_quantization_bias", "the mean+var correction removes the pre-activation shift that 2-bit "
+                    "quantization adds", None,
+                    f"shift at 2 bits {none:.3f} without correction, {mv:.3f} with mean+var "
+                    f"({none / mv:.1f}x smaller)" if mv else f"shift at 2 bits {none:.3f}, 0 with mean+var")]
+
+
+def _bn(n: dict) -> list[Finding]:
+    ch = "02_shared_bn"
+    out = [
+        Finding(ch, "shared BN without correction loses accuracy at 2 bits", _yes(n, "claim1_supported"),
+                f"shared − switchable at 2 bits: {n['claim1_diff_pp']:+.1f} pp"),
+        Finding(ch, f"shared BN with a correction matches switchable BN within ±{n['match_margin']:.1f} pp",
+                _yes(n, "claim2_shared_mean_supported") or _yes(n, "claim2_shared_meanvar_supported"),
+                f"worst gap to switchable: mean {n['claim2_shared_mean_worst_pp']:+.1f} pp, "
+                f"mean+var {n['claim2_shared_meanvar_worst_pp']:+.1f} pp"),
+        Finding(ch, "untrained bit-widths match their trained neighbours zero-shot", _yes(n, "claim3_supported"),
+                "zero-shot − interpolated neighbours: " + ", ".join(
+                    f"{b} bits {n[f'claim3_{b}bit_zeroshot_vs_neighbours_pp']:+.1f} pp" for b in (3, 5, 6, 7))),
+    ]
+    low = min(int(k.split("_")[2][:-3]) for k in n if k.startswith("acc_switchable_") and k.endswith("zeroshot_mean"))
+    recal = n[f"acc_shared_{low}bit_recal_mean"]
+    corrected = n[f"acc_shared_meanvar_{low}bit_zeroshot_mean"]
+    out.append(Finding(ch, f"re-estimating shared BN's statistics (no correction) does what the correction does, "
+                       f"at {low} bits", None,
+                       f"shared BN re-estimated {100 * recal:.1f} %, shared BN + mean+var zero-shot "
+                       f"{100 * corrected:.1f} % ({100 * (recal - corrected):+.1f} pp)"))
+    return out
+
+
+def _transfer(n: dict) -> list[Finding]:
+    return [Finding("03_knowledge_transfer", f"a {b}-bit child probes the other child's data better with shared "
+                    "weights than alone", _yes(n, f"transfer_{b}bit_supported"),
+                    f"shared − alone on the other child's data: {n[f'transfer_{b}bit_other_pp']:+.1f} pp")
+            for b in (2, 32)]
+
+
+def _pruning(n: dict) -> list[Finding]:
+    ch = "04_coreset_pruning"
+    found = [m.groups() for m in map(_PRUNED.match, n) if m and m.group(1) != "full_data"]
+    ratios = {p: [s for s, q in found if q == p] for _, p in found}
+    side = max(ratios, key=lambda p: (len(ratios[p]), p))  # the ratio at which every score and mode ran
+    at_2 = {s: n[f"acc_{s}_p{side}_2bit_mean"] for s in ratios[side]}
+    best = max(at_2, key=at_2.get)
+    out = [Finding(ch, f"{_label(s)} selection keeps every bit-width within 1 pp of the full data "
+                   "at some pruning ratio", n[f"{s}_max_prune_1pp"] > 0,
+                   f"largest such ratio {n[f'{s}_max_prune_1pp']:.1f}, cost ratio there "
+                   f"{n[f'{s}_cost_ratio_at_max_1pp']:.2f}x" if n[f"{s}_max_prune_1pp"] > 0 else
+                   "none of the ratios tried") for s in ("el2n_static", "random_static")]
+    out.append(Finding(ch, f"a data score beats random selection at p = {int(side) / 100} (2 bits)",
+                       best != "random_static",
+                       "2-bit accuracy, best first: " + ", ".join(
+                           f"{_label(s)} {100 * at_2[s]:.1f} %" for s in sorted(at_2, key=at_2.get, reverse=True))))
+    out.append(Finding(ch, "the cost ratio p = 0.6 can reach against the joint full-data baseline", None,
+                       f"at most {n['pruning_ceiling_p60']:.2f}x with its warm-up, "
+                       f"{n['pruning_ceiling_no_warmup_p60']:.2f}x without"))
+    return out
+
+
+_PRUNED = re.compile(r"^acc_(.+)_p(\d+)_2bit_mean$")
+
+
+def _label(score_mode: str) -> str:
+    """``grand_last_static`` -> ``grand_last, static``: a score and its mode, as chapter 04 names them."""
+    score, mode = score_mode.rsplit("_", 1)
+    return f"{score}, {mode}"
+
+
+def _full_scale(n: dict) -> list[Finding]:
+    return [Finding("05_full_scale", "what one full-scale run costs (estimated, not trained here)", None,
+                    f"{n['est_macs_g']:.2f} GMACs per image, {n['est_total_h']:.1f} h in all, "
+                    f"{n['est_mem_fp32_gib']:.1f} GiB per GPU in fp32")]
+
+
+def _methods(n: dict) -> list[Finding]:
+    names = sorted(k[:-len("_acc_2")] for k in n if k.endswith("_acc_2") and not k.startswith("best"))
+    ranked = sorted(names, key=lambda m: -n[f"{m}_acc_2"])
+    return [Finding("06_methods", "EMQ is the most accurate multi-bit method at 2 bits", ranked[0] == "emq",
+                    f"EMQ {n['emq_acc_2']:.1f} %, rank {ranked.index('emq') + 1} of {len(ranked)}; best "
+                    f"{ranked[0]} {n[f'{ranked[0]}_acc_2']:.1f} %; full precision alone "
+                    f"{n['full_precision_acc_32']:.1f} % at 32 bits")]
+
+
+CLAIMS: dict[str, Callable[[dict], list[Finding]]] = {
+    "01_quantization_bias": _bias,
+    "02_shared_bn": _bn,
+    "03_knowledge_transfer": _transfer,
+    "04_coreset_pruning": _pruning,
+    "05_full_scale": _full_scale,
+    "06_methods": _methods,
+}
+
+
+def read_numbers(results: str | Path) -> dict[str, dict]:
+    """Every chapter's numbers from the store at ``results`` (chapters not executed are left out)."""
+    folder = Path(results) / "chapters"
+    return {ch: read_json(folder / f"{ch}.json") for ch in CLAIMS if (folder / f"{ch}.json").is_file()}
+
+
+def findings(numbers: dict[str, dict]) -> list[Finding]:
+    """One :class:`Finding` per claim of every chapter in ``numbers`` (chapter -> its JSON)."""
+    return [f for ch, n in numbers.items() for f in CLAIMS[ch](n)]
+
+
+def scale_of(chapter: str, profile: str) -> str:
+    """The scale a chapter's runs have at ``profile``: network, images, epochs, seeds."""
+    if chapter not in CHAPTER_GRIDS:
+        return "runbook: see the chapter"
+    base = grid_of(chapter, profile).base(load_config(profile=profile))
+    seeds = sorted({c.train.seed for c in grid_configs(chapter, profile)})
+    images = f"{base.data.train_size:,}" if base.data.train_size else "all"
+    return (f"{base.model.arch}-{base.model.depth} x{base.model.width}, {images} images, "
+            f"{base.train.epochs} epochs, {len(seeds)} seed{'s' * (len(seeds) > 1)}")
+
+
+def chapter_states(numbers: dict[str, dict], profile: str) -> list[ChapterState]:
+    out = []
+    for ch, n in numbers.items():
+        flag = n.get("at_plateau")
+        out.append(ChapterState(ch, None if flag is None else flag == 1.0, n.get("max_last_quarter_gain_pp"),
+                                scale_of(ch, profile)))
+    return out

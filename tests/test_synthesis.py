@@ -1,0 +1,60 @@
+"""The synthesis reads every claim from the chapters' recorded numbers: a claim's line follows its
+chapter's JSON, and a chapter whose networks still learn gives what its runs show, never a verdict."""
+import json
+from pathlib import Path
+
+import pytest
+
+from emq.book.synthesis import CHAPTER_TITLES, CLAIMS, chapter_states, findings, read_numbers, scale_of
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = read_numbers(ROOT / "results")
+
+
+def test_every_chapter_of_the_book_has_claims_and_a_title():
+    chapters = {p.stem for p in (ROOT / "book").glob("0[1-6]_*.ipynb")}
+    assert set(CLAIMS) == set(CHAPTER_TITLES) == chapters
+
+
+def test_each_committed_chapter_gives_its_claims_with_the_numbers_it_recorded():
+    assert set(COMMITTED) == set(CLAIMS)
+    lines = findings(COMMITTED)
+    assert {f.chapter for f in lines} == set(CLAIMS)
+    bn = COMMITTED["02_shared_bn"]
+    first = next(f for f in lines if f.claim.startswith("shared BN without correction"))
+    assert first.supported == (bn["claim1_supported"] == 1.0)
+    assert f"{bn['claim1_diff_pp']:+.1f} pp" in first.evidence
+
+
+def test_a_claim_follows_its_chapters_json_when_the_chapter_changes():
+    bn = dict(COMMITTED["02_shared_bn"])
+    before = findings({"02_shared_bn": bn})[2]
+    after = findings({"02_shared_bn": {**bn, "claim3_supported": 1.0 - bn["claim3_supported"]}})[2]
+    assert before.claim == after.claim and before.supported is not after.supported
+
+
+def test_emq_is_ranked_among_the_multi_bit_methods_by_their_2_bit_accuracy():
+    n = {"emq_acc_2": 50.0, "lsq_acc_2": 60.0, "qil_acc_2": 40.0, "best_acc_2": 60.0, "full_precision_acc_32": 90.0}
+    (f,) = findings({"06_methods": n})
+    assert f.supported is False and "rank 2 of 3" in f.evidence and "best lsq 60.0 %" in f.evidence
+    (g,) = findings({"06_methods": {**n, "emq_acc_2": 70.0}})
+    assert g.supported is True and "rank 1 of 3" in g.evidence
+
+
+@pytest.mark.parametrize(("flag", "gain", "status"), [(1.0, 0.3, "verdicts"), (0.0, 4.1, "still learning (+4.1 pp)")])
+def test_a_chapter_gives_verdicts_only_when_its_networks_stopped_learning(flag, gain, status):
+    (state,) = chapter_states({"01_quantization_bias": {"at_plateau": flag, "max_last_quarter_gain_pp": gain}}, "cpu")
+    assert state.at_plateau is (flag == 1.0) and state.status == status
+
+
+def test_the_scale_of_a_chapter_is_read_from_its_grid():
+    assert scale_of("04_coreset_pruning", "cpu") == "resnet-8 x0.5, 2,048 images, 4 epochs, 2 seeds"
+    assert scale_of("05_full_scale", "cpu").startswith("runbook")
+
+
+def test_the_committed_synthesis_counts_the_chapters_it_read():
+    got = json.loads((ROOT / "results" / "chapters" / "07_synthesis.json").read_text())
+    states = chapter_states(COMMITTED, "cpu")
+    assert got["chapters_read"] == len(COMMITTED)
+    assert got["chapters_with_verdicts"] == sum(s.at_plateau is True for s in states)
+    assert got["at_plateau"] == float(all(s.at_plateau for s in states if s.at_plateau is not None))
