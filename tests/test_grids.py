@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(("name", "profile"), [(name, profile) for name in CHAPTER_GRIDS for profile in
                                                ("smoke", "cpu", "gpu") if (name, profile) != ("00_scale", "gpu")]
-                         + [("gpu_evidence", "gpu")])
+                         + [("gpu_evidence", "gpu"), ("02_shared_bn_plateau", "cpu")])
 def test_every_grid_lists_each_run_once_with_its_pretraining_run_before_it(name, profile):
     configs = grid_configs(name, profile)
     hashes = [c.hash() for c in configs]
@@ -44,6 +44,14 @@ def test_make_runs_trains_every_chapters_grid():
     # chapter 05 trains through torchrun (its runbook), the synthesis trains nothing
     assert set(CHAPTER_GRIDS) == {p.stem for p in (ROOT / "book").glob("0*.ipynb")} - {"05_full_scale", "07_synthesis"}
     assert "gpu_evidence" in GRIDS and "gpu_evidence" not in CHAPTER_GRIDS
+
+
+def test_chapter_02s_plateau_grid_trains_its_four_treatments_on_all_images_with_three_seeds():
+    configs = grid_configs("02_shared_bn_plateau", "cpu")
+    assert {(c.data.train_size, c.data.test_size, c.train.epochs) for c in configs} == {(0, 0, 4)}
+    methods = [c for c in configs if c.train.bits == (2, 4, 8, 32)]
+    assert len(methods) == 12 and {c.train.seed for c in methods} == {0, 1, 2}
+    assert len(configs) == 13  # and one run trained on every bit-width
 
 
 def test_an_unknown_grid_or_profile_is_a_one_line_config_error():

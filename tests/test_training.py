@@ -16,7 +16,7 @@ from conftest import TINY
 
 import emq.analysis.evaluation
 import emq.training.loop
-from emq.analysis.evaluation import evaluate, evaluate_run, recalibrate_bn
+from emq.analysis.evaluation import accuracy_curves, evaluate, evaluate_run, recalibrate_bn
 from emq.book.plateau import last_quarter_gain
 from emq.config import ConfigError, load_config
 from emq.data.load import load_data
@@ -104,6 +104,14 @@ def test_with_eval_every_the_test_set_is_read_every_kth_epoch_the_last_and_where
     assert [r["epoch"] for r in rows if "test_acc" in r] == [3, 4]
     assert run.summary["acc"] == rows[-1]["test_acc"] and run.summary["best_epoch"] in (3, 4)
     assert last_quarter_gain(run) == pytest.approx(100 * (rows[3]["test_acc"]["32"] - rows[2]["test_acc"]["32"]))
+    assert sorted(accuracy_curves({"r": run}, ("run",)).epoch.unique()) == [3, 4]
+
+
+def test_accuracy_curves_have_a_row_per_evaluated_epoch_and_bit_width_in_percent(finished):
+    curves = accuracy_curves({("tiny", 0): finished})
+    assert list(curves.columns) == ["method", "seed", "epoch", "bits", "acc"] and len(curves) == 2 * 4
+    last = finished.metrics()[-1]["test_acc"]["32"]
+    assert curves[(curves.epoch == 2) & (curves.bits == 32)].acc.item() == pytest.approx(100 * last)
 
 
 def test_summary_has_accuracy_per_trained_bit_width_time_and_sample_passes(finished):

@@ -77,6 +77,21 @@ def evaluate_run(run, bits: list[int], recalibrate: int = 0, data=None, device: 
     return {b: cached[f"{b}/recal{recalibrate}"] for b in bits}
 
 
+def accuracy_curves(runs: dict, names: tuple[str, ...] = ("method", "seed")) -> pd.DataFrame:
+    """The test accuracy (%) every run logged at the end of its epochs, as a long DataFrame.
+
+    ``runs`` maps a label (a tuple with one value per name in ``names``, or one value for one
+    name) to a Run. Columns: the names, epoch, bits, acc. Epochs without a test evaluation
+    (``train.eval_every``) are left out."""
+    rows = []
+    for label, run in runs.items():
+        values = label if isinstance(label, tuple) else (label,)
+        for row in run.metrics():
+            for b, a in row.get("test_acc", {}).items():
+                rows.append((*values, row["epoch"], int(b), 100 * a))
+    return pd.DataFrame(rows, columns=[*names, "epoch", "bits", "acc"])
+
+
 def accuracy_frame(runs: dict, bits: list[int], recalibrations: tuple[int, ...] = (0,), data=None,
                    device: str = "cpu") -> pd.DataFrame:
     """Accuracy of every run at every bit-width and recalibration, as a long DataFrame.
