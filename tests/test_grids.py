@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_1_EPOCH as TINY
-from test_speed import needs_data
+from conftest import needs_data
 
 from emq.book import grids
 from emq.book.grids import CHAPTER_GRIDS, GRIDS, Grid, cell, grid_configs, run_grid

@@ -18,12 +18,12 @@ from emq.config import load_config
 from emq.results import read_json
 
 CHAPTER_TITLES = {
-    "01_quantization_bias": "1. Quantization shifts the weights",
-    "02_shared_bn": "2. One BatchNorm for every bit-width",
-    "03_knowledge_transfer": "3. Knowledge transfer between bit-widths",
-    "04_coreset_pruning": "4. Bit-wise coreset sampling",
+    "01_quantization_bias": "1. Quantization bias",
+    "02_shared_bn": "2. Shared BatchNorm",
+    "03_knowledge_transfer": "3. Knowledge transfer",
+    "04_coreset_pruning": "4. Bit-wise coresets",
     "05_full_scale": "5. Full scale",
-    "06_methods": "6. EMQ among the related methods",
+    "06_methods": "6. The methods side by side",
 }
 
 
