@@ -54,6 +54,15 @@ def test_chapter_02s_plateau_grid_trains_its_four_treatments_on_all_images_with_
     assert len(configs) == 13  # and one run trained on every bit-width
 
 
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_chapter_04_trains_one_network_per_bit_width_beside_its_multi_bit_baseline(profile):
+    groups = grids.grid_of("04_coreset_pruning", profile).groups
+    baseline_seeds = set(groups["baseline"])
+    assert set(groups["per_bit"]) == {(b, s) for b in (2, 4, 8, 32) for s in baseline_seeds}
+    assert {c.overrides for c in groups["per_bit"].values()} == {
+        (("train.seed", s), ("train.bits", (b,))) for b in (2, 4, 8, 32) for s in baseline_seeds}
+
+
 def test_an_unknown_grid_or_profile_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="unknown grid 'nope'"):
         grid_configs("nope", "cpu")

@@ -58,3 +58,11 @@ def test_the_committed_synthesis_counts_the_chapters_it_read():
     assert got["chapters_read"] == len(COMMITTED)
     assert got["chapters_with_verdicts"] == sum(s.at_plateau is True for s in states)
     assert got["at_plateau"] == float(all(s.at_plateau for s in states if s.at_plateau is not None))
+
+
+def test_the_cost_against_one_network_per_bit_width_is_a_claim_once_chapter_04_records_it():
+    n = dict(COMMITTED["04_coreset_pruning"])
+    (f,) = [f for f in findings({"04_coreset_pruning": n}) if "one network per bit-width" in f.claim]
+    assert f.supported == (n["separate_over_joint_passes"] > 1.0)
+    older = {k: v for k, v in n.items() if not k.startswith("separate_")}
+    assert not [f for f in findings({"04_coreset_pruning": older}) if "one network per bit-width" in f.claim]

@@ -174,13 +174,15 @@ def transfer_grid(profile: str) -> Grid:
 
 PRUNE_RATIOS = (0.3, 0.5, 0.6, 0.7, 0.8)
 PRUNE_SCORES = ("el2n", "grand", "grand_last", "loss", "random")
+PRUNE_BITS = (2, 4, 8, 32)  # the trained bit-widths of chapter 04's multi-bit runs (the default train.bits)
 
 
 def pruning_grid(profile: str) -> Grid:
     """Chapter 04: multi-bit training (shared BN + mean+var) on the full data and on pruned data,
     keyed by "score, mode", ratio and seed. At the cpu profile EL2N and random (static) cover every
     ratio with every seed, the other scores and modes p = 0.6 with one seed, on 2,048 images in
-    batches of 64 (1,000 test images); the gpu profile runs every score and mode at every ratio."""
+    batches of 64 (1,000 test images); the gpu profile runs every score and mode at every ratio. Beside
+    them, one network per bit-width trained alone on all the data, with the baseline's seeds."""
     seeds = SEEDS[profile]
     if profile == "gpu":
         plan = {(s, m): (PRUNE_RATIOS, seeds) for m in ("static", "dynamic") for s in PRUNE_SCORES}
@@ -200,6 +202,8 @@ def pruning_grid(profile: str) -> Grid:
         "pruned": {(f"{score}, {mode}", p, s): cell("shared_meanvar", train_seed=s, coreset_prune=p,
                                                      coreset_score=score, coreset_mode=mode)
                    for (score, mode), (ratios, ss) in plan.items() for p in ratios for s in ss},
+        # the user's alternative to one multi-bit network: one network per bit-width, each alone
+        "per_bit": {(b, s): cell("switchable", train_seed=s, train_bits=(b,)) for b in PRUNE_BITS for s in used},
     }, scale={**scale, "coreset.warmup_epochs": warmup})
 
 

@@ -111,6 +111,12 @@ def _pruning(n: dict) -> list[Finding]:
                        best != "random_static",
                        "2-bit accuracy, best first: " + ", ".join(
                            f"{_label(s)} {100 * at_2[s]:.1f} %" for s in sorted(at_2, key=at_2.get, reverse=True))))
+    if "separate_over_joint_passes" in n:
+        out.append(Finding(ch, "one multi-bit network trains cheaper than one network per bit-width", 
+                           n["separate_over_joint_passes"] > 1.0,
+                           f"the separate networks cost {n['separate_over_joint_passes']:.2f}x the joint network's "
+                           f"sample-passes and {n['separate_over_el2n_passes']:.2f}x static EL2N's; joint − separate "
+                           f"{n['joint_vs_separate_worst_pp']:+.1f} pp at the worst bit-width"))
     out.append(Finding(ch, "the cost ratio p = 0.6 can reach against the joint full-data baseline", None,
                        f"at most {n['pruning_ceiling_p60']:.2f}x with its warm-up, "
                        f"{n['pruning_ceiling_no_warmup_p60']:.2f}x without"))
