@@ -33,9 +33,10 @@ def test_at_the_cpu_profile_a_chapters_grid_is_exactly_the_runs_its_committed_ch
     assert {c.hash() for c in grid_configs(name, "cpu")} == read
 
 
-def test_the_scale_chapter_read_only_runs_of_its_grid():
+def test_the_scale_chapter_read_only_runs_of_its_grid_and_of_chapter_02s_candidate_grid():
     read = set(json.loads((ROOT / "results" / "chapters" / "00_scale.runs.json").read_text()))
-    assert read and read <= {c.hash() for c in grid_configs("00_scale", "cpu")}
+    grids_ = [grid_configs("00_scale", "cpu"), grid_configs("02_shared_bn_plateau", "cpu")]
+    assert read and read <= {c.hash() for configs in grids_ for c in configs}
 
 
 def test_make_runs_trains_every_chapters_grid():
