@@ -64,6 +64,15 @@ def test_chapter_04_trains_one_network_per_bit_width_beside_its_multi_bit_baseli
         (("train.seed", s), ("train.bits", (b,))) for b in (2, 4, 8, 32) for s in baseline_seeds}
 
 
+def test_the_runner_queues_the_cheapest_runs_first_counting_images_epochs_and_bit_widths():
+    base = load_config(profile="cpu")
+    fp_small = base.with_overrides({"train.bits": (32,), "data.train_size": 2458, "train.epochs": 32})
+    multi_small = fp_small.with_overrides({"train.bits": (2, 4, 8, 32)})
+    multi_all = multi_small.with_overrides({"data.train_size": 0, "train.epochs": 4})  # 0: all 60,000 images
+    assert grids.run_cost(multi_all) == 60_000 * 4 * 4
+    assert sorted([multi_all, multi_small, fp_small], key=grids.run_cost) == [fp_small, multi_small, multi_all]
+
+
 def test_an_unknown_grid_or_profile_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="unknown grid 'nope'"):
         grid_configs("nope", "cpu")
