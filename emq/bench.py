@@ -44,6 +44,20 @@ from emq.training.loop import shared_batch, train, train_step
 from emq.training.speed import Speed, autocast, prepare_input, prepare_model
 
 
+def timed_step(model, opt, batch: dict, dev: torch.device, distill: str = "recursive",
+               speed: Speed | None = None) -> float:
+    """Seconds of one optimizer step (:func:`train_step` on ``batch``, under ``speed``'s autocast),
+    synchronized on CUDA so that the time is the step's and not its launch."""
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with autocast(speed or Speed(), dev):
+        train_step(model, batch, distill)
+    opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
     """Median seconds of a multi-bit and a full-precision step of the profile's model."""
     cfg = method_config(method, load_config(profile=profile, overrides={"data.root": str(repo_root() / "data")}))
@@ -55,13 +69,7 @@ def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
     bits = cfg.train.bits
 
     def one(b):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        train_step(model, shared_batch(x, y, b), cfg.train.distill)
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed_step(model, opt, shared_batch(x, y, b), dev, cfg.train.distill)
 
     for _ in range(3):  # warm-up
         one(bits), one((32,))
@@ -142,14 +150,7 @@ def throughput_times(arch: str, side: int, batch: int, classes: int, bits: tuple
     y = torch.randint(0, classes, (batch,), device=dev)
 
     def one(b):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with autocast(speed, dev):
-            train_step(step_model, shared_batch(x, y, b))
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed_step(step_model, opt, shared_batch(x, y, b), dev, speed=speed)
 
     for _ in range(3):  # warm-up (and, compiled, one graph per bit-width)
         one(bits), one((32,))
@@ -211,18 +212,8 @@ def speed_option_times(profile: str, method: str, repeats: int, device: str) -> 
         model = build_model(cfg, data, dev).train()
         step_model = prepare_model(model, speed)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = prepare_input(x0, speed)
-
-        def one(step_model=step_model, opt=opt, x=x):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            train_step(step_model, shared_batch(x, y, cfg.train.bits), cfg.train.distill)
-            opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-
-        steps[name] = one
+        batch = shared_batch(prepare_input(x0, speed), y, cfg.train.bits)
+        steps[name] = lambda m=step_model, o=opt, b=batch: timed_step(m, o, b, dev, cfg.train.distill)
     for one in steps.values():
         for _ in range(3):
             one()
