@@ -18,6 +18,9 @@
    against channels-last, ``torch.compile`` and both, the variants' steps interleaved.
 6. With ``--runner``: runs per hour of the grid runner, N one-thread processes against one
    N-thread process.
+7. With ``--budget``: the time the runner takes to train every chapter's grid from an empty
+   store with 2 workers, computed from the wall times the committed runs recorded (each run
+   counted once, however many chapters read it).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from pathlib import Path
 import torch
 
 from emq.book.chapter import repo_root
-from emq.book.grids import train_all
+from emq.book.grids import CHAPTER_GRIDS, grid_configs, runner_seconds, train_all
 from emq.config import ModelConfig, QuantConfig, load_config
 from emq.data.load import load_data
 from emq.methods import method_config
@@ -240,6 +243,27 @@ def runner_throughput(profile: str, runs: int, layouts: tuple[tuple[int, int], .
     return out
 
 
+def print_budget(profile: str, jobs: int = 2) -> None:
+    """Per chapter grid and for the book: runs, runs missing from the store, the recorded training
+    time of its runs (core-hours) and the runner's time with ``jobs`` one-thread workers."""
+    store = ResultsStore(repo_root() / "results")
+    every = {name: grid_configs(name, profile) for name in CHAPTER_GRIDS}
+    print(f"training the chapters' grids at the {profile} profile from an empty store, {jobs} one-thread workers "
+          "(from the wall times the runs recorded):")
+
+    def line(label, configs):
+        configs = list({c.hash(): c for c in configs}.values())
+        seconds, missing = runner_seconds(configs, store, jobs)
+        total, _ = runner_seconds(configs, store, 1)
+        print(f"  {label:32} {len(configs):4d} runs ({missing} not in the store)  {total / 3600:6.2f} core-hours  "
+              f"runner {seconds / 3600:5.2f} h")
+
+    for name, configs in every.items():
+        line(name, configs)
+    line("every chapter but 00_scale", [c for name, cs in every.items() if name != "00_scale" for c in cs])
+    line("every chapter", [c for cs in every.values() for c in cs])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m emq.bench", description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="cpu", help="model and batch of this profile (default cpu)")
@@ -257,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--runner", action="store_true",
                    help="runs per hour of the grid runner: N one-thread processes against one N-thread process")
     p.add_argument("--runner-runs", type=int, default=4, help="runs trained per layout by --runner (default 4)")
+    p.add_argument("--budget", action="store_true",
+                   help="the runner's time for every chapter's grid, from the committed runs' wall times")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="also time compiled steps (auto: on CUDA only; inductor on the CPU compiles for minutes)")
     args = p.parse_args(argv)
@@ -287,6 +313,8 @@ def main(argv=None) -> int:
                   f"{r['runs_per_hour']:6.1f} runs/hour")
         print(f"  ratio {rows[0]['jobs']} x 1 thread / 1 x {rows[1]['threads']} threads  "
               f"{rows[0]['runs_per_hour'] / rows[1]['runs_per_hour']:.2f}")
+    if args.budget:
+        print_budget(args.profile)
     if not args.no_book:
         print(f"whole book at the {args.profile} profile, fresh results store:")
         print(f"  book time {book_time(args.profile):.0f} s")

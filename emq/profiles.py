@@ -1,8 +1,9 @@
 """The profiles (smoke, cpu, gpu), in one place: what each sets in a run's config, the seeds and
 BatchNorm re-estimation batches of the chapters, and chapter 05's full-scale setting.
 
-smoke: seconds, for tests. cpu: the default of `make book`, the whole book within 30 minutes on
-2 cores. gpu: full data, long schedules.
+smoke: seconds, for tests. cpu: the default of `make book`; the chapters that train run their grids
+at a scale where the networks stop learning (``emq.book.grids.CPU_PLATEAU_SCALE``) with three seeds.
+gpu: full data, long schedules.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 SCALES: dict[str, dict] = {
     "smoke": {"data.train_size": 512, "data.test_size": 256, "data.augment": False, "model.depth": 8,
               "model.width": 0.25, "train.epochs": 1, "train.batch_size": 64},
-    # ResNet-8 at half width on 6144 images: about a minute per 4-bit-width run on 2 cores.
+    # ResNet-8 at half width on 6144 images for 4 epochs: about a minute per 4-bit-width run on 2 cores (the
+    # chapters' grids train longer on fewer images: emq.book.grids.CPU_PLATEAU_SCALE).
     "cpu": {"data.train_size": 6144, "data.test_size": 2000, "data.augment": False, "model.depth": 8,
             "model.width": 0.5, "train.epochs": 4, "train.batch_size": 128},
     "gpu": {"data.train_size": 0, "data.test_size": 0, "data.augment": True, "model.depth": 20,
@@ -20,7 +22,7 @@ SCALES: dict[str, dict] = {
 }
 
 # The seeds a chapter trains each method with, and the batches of BatchNorm re-estimation.
-SEEDS = {"smoke": (0, 1), "cpu": (0, 1), "gpu": (0, 1, 2)}
+SEEDS = {"smoke": (0, 1), "cpu": (0, 1, 2), "gpu": (0, 1, 2)}
 RECALIBRATION_BATCHES = {"smoke": 2, "cpu": 20, "gpu": 200}
 
 

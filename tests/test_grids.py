@@ -8,7 +8,7 @@ from conftest import TINY_1_EPOCH as TINY
 from conftest import needs_data
 
 from emq.book import grids
-from emq.book.grids import CHAPTER_GRIDS, GRIDS, Grid, cell, grid_configs, run_grid
+from emq.book.grids import CHAPTER_GRIDS, GRIDS, Grid, cell, grid_configs, run_grid, runner_seconds
 from emq.config import ConfigError, load_config
 from emq.results import ResultsStore
 
@@ -122,3 +122,17 @@ def test_the_gpu_evidence_command_lists_chapter_02s_grid_on_all_images_with_resn
     assert {(c.model.depth, c.model.width, c.data.train_size, c.data.name) for c in configs} == {(20, 1.0, 0,
                                                                                                   "fashion_mnist")}
     assert sorted({c.train.seed for c in configs}) == [0, 1, 2] and len(configs) == 12
+
+
+def test_the_runners_time_is_computed_from_the_recorded_wall_times_in_its_order_on_its_workers(tmp_path):
+    store = ResultsStore(tmp_path)
+    base = load_config(profile="smoke")
+    a, b, c = (base.with_overrides({"train.seed": s}) for s in (0, 1, 2))
+    tuned = base.with_overrides({"train.init_from": a.hash(), "train.epochs": 2})  # costs more: runs last
+    for cfg, seconds in ((a, 10.0), (b, 30.0), (c, 20.0), (tuned, 5.0)):
+        (store.path_of(cfg)).mkdir(parents=True)
+        (store.path_of(cfg) / "summary.json").write_text(json.dumps({"wall_time_s": seconds}))
+    missing = base.with_overrides({"train.seed": 3})
+    # two workers: a (0-10) and b (0-30); c on the first free one (10-30); tuned after a (30-35)
+    assert runner_seconds([a, b, c, tuned, missing], store, jobs=2) == (35.0, 1)
+    assert runner_seconds([a, b, c, tuned], store, jobs=1) == (65.0, 0)

@@ -93,6 +93,19 @@ def test_a_comparison_is_at_a_plateau_only_when_every_run_gained_less_than_half_
     assert one_learning.largest == pytest.approx(0.5)
 
 
+def test_a_comparison_is_judged_on_its_own_runs_whatever_the_other_methods_of_the_chapter_do():
+    flat = FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.2}))
+    learning = FakeRun(rows({1: 40.0, 2: 50.0, 3: 60.0, 4: 65.0}))
+    chapter = Plateau({"a": [flat, flat], "b": [flat], "c": [learning]})
+    assert not chapter.at_plateau
+    assert chapter.of("a", "b").at_plateau and PHRASE.search(chapter.of("a", "b").verdict("Supported"))
+    assert not chapter.of("a", "c").at_plateau and chapter.of("a", "c").largest == pytest.approx(5.0)
+    assert chapter.of("a", "b").flags("claim1_") == pytest.approx({"claim1_at_plateau": 1.0,
+                                                                  "claim1_max_last_quarter_gain_pp": 0.2})
+    with pytest.raises(KeyError, match="no runs of d"):
+        chapter.of("a", "d")
+
+
 def test_what_a_chapter_records_and_says_follows_the_rule():
     flat = FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.1}))
     learning = FakeRun(rows({1: 40.0, 2: 50.0, 3: 60.0, 4: 65.0}))
@@ -134,12 +147,16 @@ def plateau_problems(nb, numbers: dict, runbook: bool = False) -> list[str]:
     missing = {"at_plateau", "max_last_quarter_gain_pp"} - set(numbers)
     if missing:
         return [f"the chapter's JSON lacks {sorted(missing)}: re-execute the chapter"]
-    largest, flag = numbers["max_last_quarter_gain_pp"], numbers["at_plateau"]
-    if not math.isfinite(largest):
-        return [f"max_last_quarter_gain_pp is {largest}"]
-    if flag != float(largest < PLATEAU_PP):
-        return [f"at_plateau = {flag} but the largest last-quarter gain is {largest} pp"]
-    if flag != 1.0:
+    # the chapter's flag, and the flags of single comparisons ("claim1_at_plateau"), each against its gain
+    prefixes = [k[:-len("at_plateau")] for k in numbers if k.endswith("at_plateau")]
+    for prefix in prefixes:
+        largest, flag = numbers.get(f"{prefix}max_last_quarter_gain_pp"), numbers[f"{prefix}at_plateau"]
+        if largest is None or not math.isfinite(largest):
+            return [f"{prefix}max_last_quarter_gain_pp is {largest}"]
+        if flag != float(largest < PLATEAU_PP):
+            return [f"{prefix}at_plateau = {flag} but the largest last-quarter gain is {largest} pp"]
+    if not any(numbers[f"{prefix}at_plateau"] == 1.0 for prefix in prefixes):
+        largest = numbers["max_last_quarter_gain_pp"]
         return [f"says 'at a plateau' while a run gained {largest:.2f} pp over its last quarter: {t[:200]!r}"
                 for t in said]
     return []
@@ -162,6 +179,13 @@ def test_the_check_of_committed_chapters_catches_a_plateau_verdict_on_runs_still
     assert "at_plateau = 1.0" in plateau_problems(notebook(), {**learning, "at_plateau": 1.0})[0]
     assert "at_plateau = 0.0" in plateau_problems(notebook(), {**flat, "at_plateau": 0.0})[0]
     assert "lacks" in plateau_problems(notebook(), {})[0]
+    # one comparison at a plateau in a chapter that is not: that comparison may say so, if its flag is right
+    assert plateau_problems(notebook(honest, says), {**learning, "claim3_at_plateau": 1.0,
+                                                     "claim3_max_last_quarter_gain_pp": 0.2}) == []
+    assert "claim3_at_plateau = 1.0" in plateau_problems(notebook(says), {
+        **learning, "claim3_at_plateau": 1.0, "claim3_max_last_quarter_gain_pp": 0.7})[0]
+    assert "while a run gained" in plateau_problems(notebook(says), {
+        **learning, "claim3_at_plateau": 0.0, "claim3_max_last_quarter_gain_pp": 0.7})[0]
     assert plateau_problems(notebook(honest), {}, runbook=True) == []
     assert "runbook" in plateau_problems(notebook(says), {}, runbook=True)[0]
 

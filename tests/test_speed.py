@@ -94,3 +94,14 @@ def test_bench_is_a_subcommand_of_the_cli(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--help"])
     assert e.value.code == 0 and "--throughput" in capsys.readouterr().out
+
+
+def test_the_budget_gives_the_runners_time_for_every_chapter_grid_and_for_the_whole_book(capsys):
+    from emq.bench import print_budget
+    from emq.book.grids import CHAPTER_GRIDS
+
+    print_budget("cpu")
+    lines = capsys.readouterr().out.splitlines()
+    named = {line.split()[0] for line in lines[1:]}
+    assert set(CHAPTER_GRIDS) <= named and lines[-1].lstrip().startswith("every chapter ")
+    assert all("(0 not in the store)" in line and "runner" in line for line in lines[1:])  # every run committed

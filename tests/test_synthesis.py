@@ -47,8 +47,17 @@ def test_a_chapter_gives_verdicts_only_when_its_networks_stopped_learning(flag, 
     assert state.at_plateau is (flag == 1.0) and state.status == status
 
 
+def test_a_claim_whose_own_runs_stopped_learning_is_a_verdict_in_a_chapter_that_still_learns():
+    bn = {k: v for k, v in COMMITTED["02_shared_bn"].items() if not k.startswith("claim3_at")}
+    (state,) = chapter_states({"02_shared_bn": {**bn, "at_plateau": 0.0, "max_last_quarter_gain_pp": 3.0}}, "cpu")
+    as_chapter = findings({"02_shared_bn": bn})[2]
+    own = findings({"02_shared_bn": {**bn, "claim3_at_plateau": 1.0}})[2]
+    assert as_chapter.at_plateau is None and not as_chapter.is_verdict(state)
+    assert own.at_plateau is True and own.is_verdict(state)
+
+
 def test_the_scale_of_a_chapter_is_read_from_its_grid():
-    assert scale_of("04_coreset_pruning", "cpu") == "resnet-8 x0.5, 2,048 images, 4 epochs, 2 seeds"
+    assert scale_of("04_coreset_pruning", "cpu") == "resnet-8 x0.5, 2,458 images, 48 epochs, 3 seeds"
     assert scale_of("05_full_scale", "cpu").startswith("runbook")
 
 
@@ -66,3 +75,14 @@ def test_the_cost_against_one_network_per_bit_width_is_a_claim_once_chapter_04_r
     assert f.supported == (n["separate_over_joint_passes"] > 1.0)
     older = {k: v for k, v in n.items() if not k.startswith("separate_")}
     assert not [f for f in findings({"04_coreset_pruning": older}) if "one network per bit-width" in f.claim]
+
+
+def test_whether_the_data_is_redundant_is_a_claim_once_chapter_04_records_its_random_subset():
+    n = {k: v for k, v in COMMITTED["04_coreset_pruning"].items() if not k.startswith("random_static_worst")}
+    claim = "the data is redundant"
+    assert not [f for f in findings({"04_coreset_pruning": n}) if f.claim.startswith(claim)]
+    side = max(int(k.rsplit("_p", 1)[1].split("_")[0]) for k in n if k.startswith("acc_grand_static_p"))
+    for gap, redundant in ((-0.4, True), (-2.5, False)):
+        (f,) = [f for f in findings({"04_coreset_pruning": {**n, f"random_static_worst_pp_p{side}": gap}})
+                if f.claim.startswith(claim)]
+        assert f.supported is redundant and f"{gap:+.1f} pp" in f.evidence

@@ -119,6 +119,16 @@ class Plateau:
         if not self.methods:
             raise ValueError("Plateau needs at least one method")
 
+    def of(self, *labels: str) -> Plateau:
+        """The same gains for the methods ``labels`` only: the runs one comparison reads, which may be
+        at a plateau while another method of the chapter is not."""
+        missing = [label for label in labels if label not in self.methods]
+        if missing:
+            raise KeyError(f"no runs of {', '.join(missing)}: the methods are {', '.join(self.methods)}")
+        part = Plateau.__new__(Plateau)
+        part.methods = {label: self.methods[label] for label in labels}
+        return part
+
     @property
     def largest(self) -> float:
         """The last-quarter gain of the run that changed most, either way (signed), in percentage points."""
@@ -153,9 +163,14 @@ class Plateau:
     def numbers(self) -> dict[str, float]:
         """What a chapter records: ``at_plateau`` (1.0 / 0.0), ``max_last_quarter_gain_pp`` and
         every method's mean gain, ``last_quarter_gain_pp_<method>``."""
-        out = {"at_plateau": float(self.at_plateau), "max_last_quarter_gain_pp": abs(self.largest)}
+        out = self.flags()
         out.update({f"last_quarter_gain_pp_{number_key(label)}": g.mean for label, g in self.methods.items()})
         return out
+
+    def flags(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix}at_plateau`` (1.0 / 0.0) and ``{prefix}max_last_quarter_gain_pp``: what a chapter
+        records for the whole of it (no prefix) or for one comparison (``plateau.of(...).flags("claim1_")``)."""
+        return {f"{prefix}at_plateau": float(self.at_plateau), f"{prefix}max_last_quarter_gain_pp": abs(self.largest)}
 
     def status(self) -> str:
         """One sentence (Markdown) on whether the chapter's comparisons are verdicts."""
@@ -169,8 +184,9 @@ class Plateau:
         who = (f"the run changed by {self.largest:+.1f} pp" if runs == 1 else
                f"{n} of {runs} runs changed by {PLATEAU_PP} pp or more (up to {self.largest:+.1f} pp)")
         return (f"**The networks are still learning**: {who} of test accuracy at the highest trained "
-                "bit-width over the last quarter of training. The comparisons below describe these runs; "
-                "they are not verdicts on the methods, which longer training could change.")
+                f"bit-width over the last quarter of training ({'; '.join(self.learning())}). The comparisons "
+                "below that involve these runs describe them; they are not verdicts on the methods, which longer "
+                "training could change.")
 
     def lead(self) -> str:
         """The words before a list of outcomes: a verdict at a plateau, or what still-learning runs show."""

@@ -35,6 +35,12 @@ class Finding:
     claim: str
     supported: bool | None  # None: a measurement, not a yes/no claim
     evidence: str  # the numbers behind it, as the chapter recorded them
+    at_plateau: bool | None = None  # the runs behind this claim stopped learning; None: as its whole chapter
+
+    def is_verdict(self, chapter: ChapterState) -> bool:
+        """A verdict when the runs it compares stopped learning: its own flag where the chapter
+        recorded one for this comparison, else the chapter's."""
+        return bool(chapter.at_plateau if self.at_plateau is None else self.at_plateau)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,11 @@ def _yes(numbers: dict, key: str) -> bool:
     return numbers[key] == 1.0
 
 
+def _flag(numbers: dict, key: str) -> bool | None:
+    """A recorded 1.0 / 0.0 flag as a bool; None where the chapter did not record it."""
+    return None if key not in numbers else numbers[key] == 1.0
+
+
 def _bias(n: dict) -> list[Finding]:
     none, mv = n["shift_2bit_none"], n["shift_2bit_meanvar"]
     return [Finding("01_quantization_bias", "the mean+var correction removes the pre-activation shift that 2-bit "
@@ -69,14 +80,15 @@ def _bn(n: dict) -> list[Finding]:
     ch = "02_shared_bn"
     out = [
         Finding(ch, "shared BN without correction loses accuracy at 2 bits", _yes(n, "claim1_supported"),
-                f"shared − switchable at 2 bits: {n['claim1_diff_pp']:+.1f} pp"),
+                f"shared − switchable at 2 bits: {n['claim1_diff_pp']:+.1f} pp", _flag(n, "claim1_at_plateau")),
         Finding(ch, f"shared BN with a correction matches switchable BN within ±{n['match_margin']:.1f} pp",
                 _yes(n, "claim2_shared_mean_supported") or _yes(n, "claim2_shared_meanvar_supported"),
                 f"worst gap to switchable: mean {n['claim2_shared_mean_worst_pp']:+.1f} pp, "
-                f"mean+var {n['claim2_shared_meanvar_worst_pp']:+.1f} pp"),
+                f"mean+var {n['claim2_shared_meanvar_worst_pp']:+.1f} pp", _flag(n, "claim2_at_plateau")),
         Finding(ch, "untrained bit-widths match their trained neighbours zero-shot", _yes(n, "claim3_supported"),
                 "zero-shot − interpolated neighbours: " + ", ".join(
-                    f"{b} bits {n[f'claim3_{b}bit_zeroshot_vs_neighbours_pp']:+.1f} pp" for b in (3, 5, 6, 7))),
+                    f"{b} bits {n[f'claim3_{b}bit_zeroshot_vs_neighbours_pp']:+.1f} pp" for b in (3, 5, 6, 7)),
+                _flag(n, "claim3_at_plateau")),
     ]
     low = min(int(k.split("_")[2][:-3]) for k in n if k.startswith("acc_switchable_") and k.endswith("zeroshot_mean"))
     recal = n[f"acc_shared_{low}bit_recal_mean"]
@@ -117,6 +129,12 @@ def _pruning(n: dict) -> list[Finding]:
                            f"the separate networks cost {n['separate_over_joint_passes']:.2f}x the joint network's "
                            f"sample-passes and {n['separate_over_el2n_passes']:.2f}x static EL2N's; joint − separate "
                            f"{n['joint_vs_separate_worst_pp']:+.1f} pp at the worst bit-width"))
+    redundancy = f"random_static_worst_pp_p{side}"
+    if redundancy in n:
+        out.append(Finding(ch, f"the data is redundant: a random {100 - int(side)} % of it keeps every bit-width within "
+                           "1 pp of all of it", n[redundancy] >= -1.0,
+                           f"random, static at p = {int(side) / 100}: {n[redundancy]:+.1f} pp at the worst bit-width",
+                           _flag(n, "redundancy_at_plateau")))
     out.append(Finding(ch, "the cost ratio p = 0.6 can reach against the joint full-data baseline", None,
                        f"at most {n['pruning_ceiling_p60']:.2f}x with its warm-up, "
                        f"{n['pruning_ceiling_no_warmup_p60']:.2f}x without"))
