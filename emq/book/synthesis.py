@@ -131,8 +131,8 @@ def _pruning(n: dict) -> list[Finding]:
                            f"{n['joint_vs_separate_worst_pp']:+.1f} pp at the worst bit-width"))
     redundancy = f"random_static_worst_pp_p{side}"
     if redundancy in n:
-        out.append(Finding(ch, f"the data is redundant: a random {100 - int(side)} % of it keeps every bit-width within "
-                           "1 pp of all of it", n[redundancy] >= -1.0,
+        out.append(Finding(ch, f"the data is redundant: a random {100 - int(side)} % of it keeps every bit-width "
+                           "within 1 pp of all of it", n[redundancy] >= -1.0,
                            f"random, static at p = {int(side) / 100}: {n[redundancy]:+.1f} pp at the worst bit-width",
                            _flag(n, "redundancy_at_plateau")))
     out.append(Finding(ch, "the cost ratio p = 0.6 can reach against the joint full-data baseline", None,
