@@ -199,6 +199,13 @@ def test_no_committed_chapter_calls_a_comparison_a_verdict_at_a_plateau_while_it
     assert not problems, f"{path.name}: " + "\n".join(problems)
 
 
+def test_the_swing_is_how_far_the_accuracy_moved_within_the_last_quarter_whatever_its_gain():
+    dipped = FakeRun(rows({1: 50.0, 2: 60.0, 3: 78.0, 4: 80.5, 5: 70.0, 6: 78.9, 7: 80.5, 8: 80.1}))
+    g = method_gains([dipped])
+    assert g.gains == pytest.approx((1.2,)) and g.swings == pytest.approx((1.6,))  # epochs 6-8; 5 is before
+    assert Plateau({"a": [dipped]}).table()["largest swing (pp)"].tolist() == ["1.60"]
+
+
 def test_a_run_whose_accuracy_fell_over_its_last_quarter_is_not_at_a_plateau():
     fell = Plateau({"a": [FakeRun(rows({1: 50.0, 2: 60.0, 3: 70.0, 4: 68.0}))]})
     assert fell.largest == pytest.approx(-2.0) and not fell.at_plateau

@@ -73,6 +73,7 @@ class Gains:
     gains: tuple[float, ...]
     bits: int
     epochs: int
+    swings: tuple[float, ...] = ()  # per run: highest minus lowest accuracy evaluated in the last quarter, pp
 
     @property
     def mean(self) -> float:
@@ -100,7 +101,17 @@ def method_gains(runs: Iterable) -> Gains:
     rows = [r.metrics() for r in runs]
     curves = [_curve(r) for r in rows]
     gains = tuple(last_quarter_gain(r) for r in rows)
-    return Gains(gains, max(max(c[max(c)]) for c in curves), max(max(c) for c in curves))
+    return Gains(gains, max(max(c[max(c)]) for c in curves), max(max(c) for c in curves),
+                 tuple(last_quarter_swing(c) for c in curves))
+
+
+def last_quarter_swing(curve: dict[int, dict[int, float]]) -> float:
+    """Highest minus lowest test accuracy (pp) at the highest bit-width over the epochs evaluated from
+    the start of the last quarter to the end: how much the accuracy moves there, trend or not."""
+    last = max(curve)
+    bits = max(curve[last])
+    accs = [100.0 * acc[bits] for epoch, acc in curve.items() if epoch >= reference_epoch(last) and bits in acc]
+    return max(accs) - min(accs)
 
 
 def number_key(label: str) -> str:
@@ -145,7 +156,8 @@ class Plateau:
 
     def table(self) -> pd.DataFrame:
         """One row per method: its runs, the bit-width read, the last quarter's epochs, the gain as
-        mean ± s.e. over seeds and the largest gain of a run, in percentage points."""
+        mean ± s.e. over seeds, the largest gain of a run, and the largest swing of a run (highest minus
+        lowest accuracy evaluated in its last quarter), in percentage points."""
         rows = []
         for label, g in self.methods.items():
             ref = reference_epoch(g.epochs)
@@ -153,6 +165,7 @@ class Plateau:
                          "last quarter (epochs)": f"{ref or 'start'} → {g.epochs}",
                          "gain (pp), mean ± s.e.": g.describe(),
                          "largest gain (pp)": f"{g.largest:+.2f}",
+                         "largest swing (pp)": f"{max(g.swings):.2f}" if g.swings else "",
                          "still learning": "yes" if not g.at_plateau else "no"})
         return pd.DataFrame(rows)
 
@@ -186,7 +199,9 @@ class Plateau:
         return (f"**The networks are still learning**: {who} of test accuracy at the highest trained "
                 f"bit-width over the last quarter of training ({'; '.join(self.learning())}). The comparisons "
                 "below that involve these runs describe them; they are not verdicts on the methods, which longer "
-                "training could change.")
+                "training could change. Where a run's swing (highest minus lowest accuracy evaluated in its last "
+                "quarter) is as large as its gain, its accuracy moves that much between evaluations, and one reading "
+                "at each end cannot tell a trend from that fluctuation.")
 
     def lead(self) -> str:
         """The words before a list of outcomes: a verdict at a plateau, or what still-learning runs show."""
