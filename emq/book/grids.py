@@ -108,11 +108,12 @@ def gpu_evidence_grid(profile: str) -> Grid:
                 scale={"train.epochs": 20, "train.batch_size": 256})
 
 
-# The cpu scale of the chapters that train (01-04, 06): 2,458 training images (40 % of the profile's
-# 6,144) for 48 epochs, where the data caps the accuracy early enough for multi-bit runs to stop rising
-# (the scale study, on 32 epochs: full precision gained +0.41 pp over the last quarter, shared BN +
-# mean+var -0.11 pp, switchable BN +0.8; on all 60k images no affordable length stopped them). Tested
-# every 4th epoch and at epochs 36 and 48, where the plateau rule reads. The chapters train three seeds.
+# The cpu scale of chapters 01-04 (and chapter 06's candidate): 2,458 training images (40 % of the
+# profile's 6,144) for 48 epochs, where the data rather than the number of steps caps the accuracy (the
+# scale study, on 32 epochs: full precision gained +0.41 pp over the last quarter, shared BN + mean+var
+# -0.11 pp, switchable BN +0.8; on all 60k images no affordable length stopped the multi-bit runs). At 48
+# epochs most runs no longer rise but still move by 1-2 pp between evaluations (chapter 02's plateau
+# table). Tested every 4th epoch and at epochs 36 and 48, where the plateau rule reads; three seeds.
 CPU_PLATEAU_SCALE = {"data.train_size": 2458, "train.epochs": 48, "train.eval_every": 4}
 
 
@@ -192,8 +193,8 @@ PRUNE_BITS = (2, 4, 8, 32)  # the trained bit-widths of chapter 04's multi-bit r
 
 def pruning_grid(profile: str) -> Grid:
     """Chapter 04: multi-bit training (shared BN + mean+var) on the full data and on pruned data,
-    keyed by "score, mode", ratio and seed. At the cpu profile (the plateau scale of chapters 02, 03
-    and 06, whose shared BN + mean+var runs are this baseline) EL2N and random (static) cover p = 0.3,
+    keyed by "score, mode", ratio and seed. At the cpu profile (CPU_PLATEAU_SCALE, where chapter 02's
+    shared BN + mean+var runs are this baseline) EL2N and random (static) cover p = 0.3,
     0.6 and 0.8 with three seeds, the other scores and modes p = 0.6 with one seed; the gpu profile
     runs every score and mode at every ratio. Beside them, one network per bit-width trained alone
     on all the data, with the baseline's seeds. The warm-up (full-data epochs before the first

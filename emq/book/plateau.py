@@ -21,6 +21,7 @@ and the comparison says what these runs show, not which method is better.
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -136,7 +137,7 @@ class Plateau:
         missing = [label for label in labels if label not in self.methods]
         if missing:
             raise KeyError(f"no runs of {', '.join(missing)}: the methods are {', '.join(self.methods)}")
-        part = Plateau.__new__(Plateau)
+        part = copy.copy(self)
         part.methods = {label: self.methods[label] for label in labels}
         return part
 
