@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(("name", "profile"), [(name, profile) for name in CHAPTER_GRIDS for profile in
                                                ("smoke", "cpu", "gpu") if (name, profile) != ("00_scale", "gpu")]
-                         + [("gpu_evidence", "gpu"), ("02_shared_bn_plateau", "cpu"), ("06_methods_plateau", "cpu")])
+                         + [("gpu_evidence", "gpu")]
+                         + [(name, "cpu") for name in ("02_shared_bn_plateau", "04_coreset_pruning_plateau",
+                                                       "06_methods_plateau")])
 def test_every_grid_lists_each_run_once_with_its_pretraining_run_before_it(name, profile):
     configs = grid_configs(name, profile)
     hashes = [c.hash() for c in configs]

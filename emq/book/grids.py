@@ -193,24 +193,44 @@ PRUNE_BITS = (2, 4, 8, 32)  # the trained bit-widths of chapter 04's multi-bit r
 
 def pruning_grid(profile: str) -> Grid:
     """Chapter 04: multi-bit training (shared BN + mean+var) on the full data and on pruned data,
-    keyed by "score, mode", ratio and seed. At the cpu profile (CPU_PLATEAU_SCALE, where chapter 02's
-    shared BN + mean+var runs are this baseline) EL2N and random (static) cover p = 0.3,
-    0.6 and 0.8 with three seeds, the other scores and modes p = 0.6 with one seed; the gpu profile
-    runs every score and mode at every ratio. Beside them, one network per bit-width trained alone
-    on all the data, with the baseline's seeds. The warm-up (full-data epochs before the first
-    selection) is a setting of the pruned runs only, so the baseline is the plain multi-bit run."""
+    keyed by "score, mode", ratio and seed. Below the gpu profile EL2N and random (static) cover the
+    main ratios with every seed, the other scores and modes p = 0.6 (0.5 at smoke) with one seed; the
+    gpu profile runs every score and mode at every ratio. Beside them, one network per bit-width
+    trained alone on all the data, with the baseline's seeds. At the cpu profile the chapter still runs
+    its earlier scale, 2,048 images x 4 epochs in batches of 64 with two seeds (1,000 test images);
+    :func:`pruning_plateau_grid` is its candidate at CPU_PLATEAU_SCALE."""
+    if profile == "cpu":
+        return _pruning((0, 1), PRUNE_RATIOS, {"data.train_size": 2048, "data.test_size": 1000,
+                                               "train.batch_size": 64}, warmup=1)
+    if profile == "smoke":
+        return _pruning(SEEDS[profile], (0.5, 0.8), {"train.epochs": 2}, warmup=1, side=0.5)
     seeds = SEEDS[profile]
-    if profile == "gpu":
-        plan = {(s, m): (PRUNE_RATIOS, seeds) for m in ("static", "dynamic") for s in PRUNE_SCORES}
-        plan.update({(s, "lightweight"): (PRUNE_RATIOS, seeds) for s in ("el2n", "loss")})
-    else:
-        main = (0.5, 0.8) if profile == "smoke" else (0.3, 0.6, 0.8)
-        side = ((0.5,) if profile == "smoke" else (0.6,), seeds[:1])
-        plan = {("el2n", "static"): (main, seeds), ("random", "static"): (main, seeds)}
-        plan.update({(s, "static"): side for s in ("grand", "grand_last", "loss")})
-        plan.update({("el2n", "dynamic"): side, ("el2n", "lightweight"): side})
-    scale = {"smoke": {"train.epochs": 2}, "cpu": CPU_PLATEAU_SCALE, "gpu": {}}[profile]
-    warmup = {"smoke": 1, "cpu": 4, "gpu": 5}[profile]  # about 1/12 of the epochs at cpu and gpu
+    plan = {(s, m): (PRUNE_RATIOS, seeds) for m in ("static", "dynamic") for s in PRUNE_SCORES}
+    plan.update({(s, "lightweight"): (PRUNE_RATIOS, seeds) for s in ("el2n", "loss")})
+    return _pruning_plan(plan, {}, warmup=5)
+
+
+def pruning_plateau_grid(profile: str) -> Grid:
+    """Chapter 04's candidate at CPU_PLATEAU_SCALE: p = 0.3, 0.6 and 0.8 with three seeds, warm-up 4 of
+    the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the baseline is chapter 02's shared BN +
+    mean+var runs, the 32-bit network alone the full-precision reference of chapter 06's candidate."""
+    if profile != "cpu":
+        raise KeyError(profile)
+    return _pruning(SEEDS[profile], (0.3, 0.6, 0.8), CPU_PLATEAU_SCALE, warmup=4)
+
+
+def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = 0.6) -> Grid:
+    """EL2N and random (static) at the ``main`` ratios with every seed, the other scores and modes at
+    ``side`` with the first."""
+    plan = {("el2n", "static"): (main, seeds), ("random", "static"): (main, seeds)}
+    plan.update({(s, "static"): ((side,), seeds[:1]) for s in ("grand", "grand_last", "loss")})
+    plan.update({("el2n", mode): ((side,), seeds[:1]) for mode in ("dynamic", "lightweight")})
+    return _pruning_plan(plan, scale, warmup)
+
+
+def _pruning_plan(plan: dict, scale: dict, warmup: int) -> Grid:
+    """The grid of a plan ``(score, mode) -> (ratios, seeds)``. The warm-up (full-data epochs before the
+    first selection) is a setting of the pruned runs only, so the baseline is the plain multi-bit run."""
     used = sorted({s for _, ss in plan.values() for s in ss})
     return Grid({
         "baseline": {s: cell("shared_meanvar", train_seed=s) for s in used},
@@ -264,6 +284,7 @@ GRIDS: dict[str, Callable[[str], Grid]] = {
     "04_coreset_pruning": pruning_grid,
     "06_methods": methods_grid,
     "02_shared_bn_plateau": bn_plateau_grid,
+    "04_coreset_pruning_plateau": pruning_plateau_grid,
     "06_methods_plateau": methods_plateau_grid,
     "gpu_evidence": gpu_evidence_grid,
 }

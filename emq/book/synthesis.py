@@ -56,7 +56,7 @@ class ChapterState:
     def status(self) -> str:
         if self.at_plateau is None:
             return "no verdicts (runbook)"
-        return "verdicts" if self.at_plateau else f"still learning ({self.largest_gain_pp:+.1f} pp)"
+        return "verdicts" if self.at_plateau else f"still learning (moved {self.largest_gain_pp:.1f} pp)"
 
 
 def _yes(numbers: dict, key: str) -> bool:
