@@ -41,7 +41,8 @@ def test_emq_is_ranked_among_the_multi_bit_methods_by_their_2_bit_accuracy():
     assert g.supported is True and "rank 1 of 3" in g.evidence
 
 
-@pytest.mark.parametrize(("flag", "gain", "status"), [(1.0, 0.3, "verdicts"), (0.0, 4.1, "still learning (moved 4.1 pp)")])
+@pytest.mark.parametrize(("flag", "gain", "status"),
+                         [(1.0, 0.3, "verdicts"), (0.0, 4.1, "still learning (moved 4.1 pp)")])
 def test_a_chapter_gives_verdicts_only_when_its_networks_stopped_learning(flag, gain, status):
     (state,) = chapter_states({"01_quantization_bias": {"at_plateau": flag, "max_last_quarter_gain_pp": gain}}, "cpu")
     assert state.at_plateau is (flag == 1.0) and state.status == status
