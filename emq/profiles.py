@@ -1,8 +1,8 @@
 """The profiles (smoke, cpu, gpu), in one place: what each sets in a run's config, the seeds and
 BatchNorm re-estimation batches of the chapters, and chapter 05's full-scale setting.
 
-smoke: seconds, for tests. cpu: the default of `make book`; the chapters that train run their grids
-at a scale where the networks stop learning (``emq.book.grids.CPU_PLATEAU_SCALE``) with three seeds.
+smoke: seconds, for tests. cpu: the default of `make book`; chapters 01-03 run their grids at the
+longer scale chosen by the scale study (``emq.book.grids.CPU_PLATEAU_SCALE``) with three seeds.
 gpu: full data, long schedules.
 """
 from __future__ import annotations

@@ -108,8 +108,8 @@ def gpu_evidence_grid(profile: str) -> Grid:
                 scale={"train.epochs": 20, "train.batch_size": 256})
 
 
-# The cpu scale of chapters 01-04 (and chapter 06's candidate): 2,458 training images (40 % of the
-# profile's 6,144) for 48 epochs, where the data rather than the number of steps caps the accuracy (the
+# The cpu scale of chapters 01-03 (and of the candidates of 04 and 06): 2,458 training images (40 % of
+# the profile's 6,144) for 48 epochs, where the data rather than the number of steps caps the accuracy (the
 # scale study, on 32 epochs: full precision gained +0.41 pp over the last quarter, shared BN + mean+var
 # -0.11 pp, switchable BN +0.8; on all 60k images no affordable length stopped the multi-bit runs). At 48
 # epochs most runs no longer rise but still move by 1-2 pp between evaluations (chapter 02's plateau
