@@ -15,7 +15,7 @@ from emq.config import DataConfig, RunConfig, load_config
 from emq.data.datasets import Dataset
 from emq.data.load import load_data
 from emq.methods import method_configs
-from emq.profiles import RECALIBRATION_BATCHES, SEEDS
+from emq.profiles import RECALIBRATION_BATCHES
 from emq.results import ResultsStore, Run, write_chapter_numbers, write_json
 from emq.training.coresets import total_passes, training_time
 from emq.training.loop import train
@@ -42,7 +42,6 @@ class Chapter:
         self.name, self.profile, self.device = name, profile, device
         self.store = ResultsStore(root / results_dir)
         self.base = load_config(profile=profile, overrides={"data.root": str(root / data_root)})
-        self.seeds = SEEDS[profile]
         self.recalibration_batches = RECALIBRATION_BATCHES[profile]
         self.numbers: dict[str, float] = {}
         self.asked: dict[str, dict] = {}  # hash -> non-default config of every run the chapter read
