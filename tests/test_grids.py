@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(("name", "profile"), [(name, profile) for name in CHAPTER_GRIDS for profile in
                                                ("smoke", "cpu", "gpu") if (name, profile) != ("00_scale", "gpu")]
                          + [("gpu_evidence", "gpu")]
-                         + [(name, "cpu") for name in ("02_shared_bn_plateau", "04_coreset_pruning_plateau",
-                                                       "06_methods_plateau")])
+                         + [("02_shared_bn_plateau", "cpu")])
 def test_every_grid_lists_each_run_once_with_its_pretraining_run_before_it(name, profile):
     configs = grid_configs(name, profile)
     hashes = [c.hash() for c in configs]
@@ -83,12 +82,28 @@ def test_an_unknown_grid_or_profile_is_a_one_line_config_error():
 
 
 def test_the_scale_grid_varies_epochs_and_training_set_size_for_full_precision_and_multi_bit():
-    configs = grid_configs("00_scale", "cpu")
+    configs = [c.configs(load_config(profile="cpu"))[-1] for c in grids.grid_of("00_scale", "cpu").cells("scale")]
     multibit = {(c.quant.norm, c.data.train_size, c.train.epochs) for c in configs if c.train.bits != (32,)}
     assert {(n, 6144, e) for n in ("switchable", "shared") for e in (8, 16, 32)} <= multibit
     fp_sizes = {c.data.train_size for c in configs if c.train.bits == (32,)}
     assert fp_sizes == {2458, 6144, 24576, 0}  # 2458: 40 % of 6144
     assert all(c.data.test_size == 0 for c in configs)  # all 10k test images: a 0.5 pp plateau is resolvable
+
+
+def test_the_doubling_check_retrains_the_chapters_own_runs_with_twice_their_epochs():
+    doubling = grids.grid_of("00_scale", "cpu").groups["doubling"]
+    base = load_config(profile="cpu")
+    run = {key: c.configs(base)[-1] for key, c in doubling.items()}
+    chapters = {c.hash() for name in ("02_shared_bn", "04_coreset_pruning") for c in grid_configs(name, "cpu")}
+    short, long = grids.DOUBLING["cpu"][1]
+    assert long == 2 * short == 2 * grids.CPU_PLATEAU_SCALE["train.epochs"]
+    for (method, epochs), cfg in run.items():
+        assert (cfg.hash() in chapters) == (epochs == short), (method, epochs)
+        if epochs == long:  # the same run but for its length (and the pruned run's warm-up, 1/12 of it)
+            same = run[method, short].with_overrides({"train.epochs": long,
+                                                      "coreset.warmup_epochs": cfg.coreset.warmup_epochs})
+            assert same.hash() == cfg.hash()
+    assert run["random 40 %", long].coreset.warmup_epochs == 2 * run["random 40 %", short].coreset.warmup_epochs > 0
 
 
 @needs_data

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emq.book.plateau import PLATEAU_PP, Plateau, last_quarter_gain, method_gains, number_key, reference_epoch
+from emq.book.plateau import PLATEAU_PP, Plateau, collapses, last_quarter_gain, method_gains, number_key, reference_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The chapters that compare methods. Chapter 00 (the scale study) measures where the plateau is:
@@ -210,3 +210,11 @@ def test_a_run_whose_accuracy_fell_over_its_last_quarter_is_not_at_a_plateau():
     fell = Plateau({"a": [FakeRun(rows({1: 50.0, 2: 60.0, 3: 70.0, 4: 68.0}))]})
     assert fell.largest == pytest.approx(-2.0) and not fell.at_plateau
     assert fell.numbers()["max_last_quarter_gain_pp"] == pytest.approx(2.0)  # the size of the change
+
+
+def test_a_bit_width_that_rose_and_ended_near_chance_is_a_collapse_and_a_slow_one_is_not():
+    two = {1: 40.0, 2: 76.0, 3: 70.0, 4: 9.0, 5: 12.0, 6: 9.3}  # 10 classes: chance is 10 %
+    slow = {1: 10.0, 2: 11.0, 3: 12.0, 4: 14.0, 5: 15.0, 6: 18.0}  # near chance all along: not diverged
+    run = FakeRun(rows({e: 80.0 for e in two}, 32, **{"2": two, "4": slow}))
+    (c,) = collapses(run, chance=10.0)
+    assert (c.bits, c.best, c.best_epoch, c.before, c.fell_at, c.last) == (2, 76.0, 2, 3, 4, pytest.approx(9.3))

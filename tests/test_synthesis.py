@@ -59,7 +59,7 @@ def test_a_claim_whose_own_runs_stopped_learning_is_a_verdict_in_a_chapter_that_
 
 def test_the_scale_of_a_chapter_is_read_from_its_grid():
     assert scale_of("02_shared_bn", "cpu") == "resnet-8 x0.5, 2,458 images, 48 epochs, 3 seeds"
-    assert scale_of("04_coreset_pruning", "cpu") == "resnet-8 x0.5, 2,048 images, 4 epochs, 2 seeds"
+    assert scale_of("04_coreset_pruning", "cpu") == "resnet-8 x0.5, 2,458 images, 48 epochs, 3 seeds"
     assert scale_of("05_full_scale", "cpu").startswith("runbook")
 
 
@@ -73,10 +73,29 @@ def test_the_committed_synthesis_counts_the_chapters_it_read():
 
 def test_the_cost_against_one_network_per_bit_width_is_a_claim_once_chapter_04_records_it():
     n = dict(COMMITTED["04_coreset_pruning"])
-    (f,) = [f for f in findings({"04_coreset_pruning": n}) if "one network per bit-width" in f.claim]
+    (f,) = [f for f in findings({"04_coreset_pruning": n}) if f.claim.endswith("than one network per bit-width")]
     assert f.supported == (n["separate_over_joint_passes"] > 1.0)
     older = {k: v for k, v in n.items() if not k.startswith("separate_")}
-    assert not [f for f in findings({"04_coreset_pruning": older}) if "one network per bit-width" in f.claim]
+    assert not [f for f in findings({"04_coreset_pruning": older}) if f.claim.endswith("than one network per bit-width")]
+
+
+def test_the_joint_network_with_re_estimated_statistics_against_one_per_bit_width_is_judged_on_its_own_runs():
+    n = dict(COMMITTED["04_coreset_pruning"])
+    claim = "re-estimated per bit-width, is within 1 pp of one network per bit-width"
+    for gap, flag, within in ((-0.4, 1.0, True), (-2.5, 0.0, False)):
+        (f,) = [f for f in findings({"04_coreset_pruning": {**n, "joint_recal_vs_separate_worst_pp": gap,
+                                                             "per_bit_at_plateau": flag}}) if claim in f.claim]
+        assert f.supported is within and f.at_plateau is bool(flag)
+    older = {k: v for k, v in n.items() if k != "joint_recal_vs_separate_worst_pp"}
+    assert not [f for f in findings({"04_coreset_pruning": older}) if claim in f.claim]
+
+
+def test_a_method_whose_runs_diverged_is_a_claim_of_chapter_06_and_a_stable_one_is_not():
+    n = dict(COMMITTED["06_methods"])
+    n.update({"shift_diverged_runs": 3.0, "lsq_diverged_runs": 0.0})
+    diverged = [f for f in findings({"06_methods": n}) if "without diverging" in f.claim]
+    assert [f.claim for f in diverged] == ["`shift` trains without diverging at this scale"]
+    assert diverged[0].supported is False and diverged[0].evidence.startswith("3 of its runs")
 
 
 def test_whether_the_data_is_redundant_is_a_claim_once_chapter_04_records_its_random_subset():

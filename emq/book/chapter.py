@@ -65,12 +65,13 @@ class Chapter:
         print(f"run {run.hash}: trained in {time.perf_counter() - t0:.0f} s")
         return self.keep(run)
 
-    def grid(self, name: str, train_missing: bool = True) -> list[tuple[Cell, Run | None]]:
-        """Every point of grid ``name`` (:mod:`emq.book.grids`) at the chapter's profile, with its run
-        (the last stage of its method): read from the store, or trained first when missing and
-        ``train_missing``; None when missing otherwise (``python -m emq grid`` trains it)."""
+    def grid(self, name: str, train_missing: bool = True, group: str | None = None) -> list[tuple[Cell, Run | None]]:
+        """Every point of grid ``name`` (:mod:`emq.book.grids`) at the chapter's profile, or of one
+        ``group`` of it, with its run (the last stage of its method): read from the store, or trained
+        first when missing and ``train_missing``; None when missing otherwise (``python -m emq grid``
+        trains it)."""
         out = []
-        for c, stages in grid_stages(name, self.profile, self.base):
+        for c, stages in grid_stages(name, self.profile, self.base, group):
             if train_missing or all(self.store.is_finished(s) for s in stages):
                 out.append((c, [self.run(s) for s in stages][-1]))
             else:

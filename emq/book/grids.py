@@ -57,8 +57,10 @@ class Grid:
         """The config every run of the grid starts from."""
         return profile_base.with_overrides(dict(self.scale))
 
-    def cells(self) -> list[Cell]:
-        return [c for group in self.groups.values() for c in group.values()]
+    def cells(self, group: str | None = None) -> list[Cell]:
+        """The grid's cells, or those of one ``group``."""
+        groups = self.groups.values() if group is None else [self.groups[group]]
+        return [c for cells in groups for c in cells.values()]
 
 
 # ---- the scale study (book/00_scale.ipynb) --------------------------------------------------------
@@ -68,12 +70,19 @@ SCALE_METHODS = ("full_precision", "any_precision", "emq")
 SCALE_EPOCHS = {"smoke": (1, 2), "cpu": (8, 16, 32)}
 SCALE_SIZES = {"smoke": (256, 512), "cpu": (6144, 24576, 0)}  # 0 = all 60k images
 SCALE_TEST_SIZE = {"smoke": 256, "cpu": 0}
+# The doubling check: does a chapter's comparison change when its training is doubled? Chapter 02's three
+# headline methods and chapter 04's random 40 % of the images (warm-up 1/12 of the epochs), at the
+# chapters' scale (cpu: CPU_PLATEAU_SCALE, tested every 4th epoch) and at twice its epochs, first seed.
+DOUBLING_METHODS = ("switchable", "shared", "shared_meanvar")
+DOUBLING = {"smoke": ({"data.train_size": 256, "data.test_size": 256}, (1, 2)),
+            "cpu": ({"data.train_size": 2458, "train.eval_every": 4}, (48, 96))}
 
 
 def scale_grid(profile: str) -> Grid:
     """Epochs on the profile's 6,144-image training set (every method); then full precision on
     other training-set sizes, 40 % of those images among them, and the multi-bit methods on all
-    60k images for 4 epochs (about the sample-passes of 32 epochs on 6,144 images) and 8."""
+    60k images for 4 epochs (about the sample-passes of 32 epochs on 6,144 images) and 8; and the
+    doubling check (group "doubling", keyed by method and epochs)."""
     epochs, sizes = SCALE_EPOCHS[profile], SCALE_SIZES[profile]
     test = SCALE_TEST_SIZE[profile]
     cells = [cell(m, data_train_size=sizes[0], data_test_size=test, train_epochs=e)
@@ -91,7 +100,13 @@ def scale_grid(profile: str) -> Grid:
         cells += [cell(m, data_train_size=2458, data_test_size=test, train_epochs=32) for m in SCALE_METHODS[1:]]
     else:
         cells += [cell(m, data_train_size=sizes[1], data_test_size=test, train_epochs=epochs[0]) for m in SCALE_METHODS]
-    return Grid({"scale": {c.label: c for c in cells}})
+    sizes_, lengths = DOUBLING[profile]
+    same = {k.replace(".", "_", 1): v for k, v in sizes_.items()} | {"train_seed": SEEDS[profile][0]}
+    doubling = {(m, e): cell(m, **same, train_epochs=e) for m in DOUBLING_METHODS for e in lengths}
+    doubling |= {("random 40 %", e): cell("shared_meanvar", **same, train_epochs=e, coreset_prune=0.6,
+                                          coreset_score="random", coreset_mode="static", coreset_warmup_epochs=e // 12)
+                 for e in lengths}
+    return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling})
 
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------
@@ -108,7 +123,7 @@ def gpu_evidence_grid(profile: str) -> Grid:
                 scale={"train.epochs": 20, "train.batch_size": 256})
 
 
-# The cpu scale of chapters 01-03 (and of the candidates of 04 and 06): 2,458 training images (40 % of
+# The cpu scale of every chapter but the scale study: 2,458 training images (40 % of
 # the profile's 6,144) for 48 epochs, where the data rather than the number of steps caps the accuracy (the
 # scale study, on 32 epochs: full precision gained +0.41 pp over the last quarter, shared BN + mean+var
 # -0.11 pp, switchable BN +0.8; on all 60k images no affordable length stopped the multi-bit runs). At 48
@@ -196,27 +211,18 @@ def pruning_grid(profile: str) -> Grid:
     keyed by "score, mode", ratio and seed. Below the gpu profile EL2N and random (static) cover the
     main ratios with every seed, the other scores and modes p = 0.6 (0.5 at smoke) with one seed; the
     gpu profile runs every score and mode at every ratio. Beside them, one network per bit-width
-    trained alone on all the data, with the baseline's seeds. At the cpu profile the chapter still runs
-    its earlier scale, 2,048 images x 4 epochs in batches of 64 with two seeds (1,000 test images);
-    :func:`pruning_plateau_grid` is its candidate at CPU_PLATEAU_SCALE."""
+    trained alone on all the data, with the baseline's seeds. At the cpu profile: CPU_PLATEAU_SCALE,
+    p = 0.3, 0.6 and 0.8, warm-up 4 of the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the
+    baseline is chapter 02's shared BN + mean+var runs (the same hashes), the 32-bit network alone
+    chapter 06's full-precision reference."""
     if profile == "cpu":
-        return _pruning((0, 1), PRUNE_RATIOS, {"data.train_size": 2048, "data.test_size": 1000,
-                                               "train.batch_size": 64}, warmup=1)
+        return _pruning(SEEDS[profile], (0.3, 0.6, 0.8), CPU_PLATEAU_SCALE, warmup=4)
     if profile == "smoke":
         return _pruning(SEEDS[profile], (0.5, 0.8), {"train.epochs": 2}, warmup=1, side=0.5)
     seeds = SEEDS[profile]
     plan = {(s, m): (PRUNE_RATIOS, seeds) for m in ("static", "dynamic") for s in PRUNE_SCORES}
     plan.update({(s, "lightweight"): (PRUNE_RATIOS, seeds) for s in ("el2n", "loss")})
     return _pruning_plan(plan, {}, warmup=5)
-
-
-def pruning_plateau_grid(profile: str) -> Grid:
-    """Chapter 04's candidate at CPU_PLATEAU_SCALE: p = 0.3, 0.6 and 0.8 with three seeds, warm-up 4 of
-    the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the baseline is chapter 02's shared BN +
-    mean+var runs, the 32-bit network alone the full-precision reference of chapter 06's candidate."""
-    if profile != "cpu":
-        raise KeyError(profile)
-    return _pruning(SEEDS[profile], (0.3, 0.6, 0.8), CPU_PLATEAU_SCALE, warmup=4)
 
 
 def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = 0.6) -> Grid:
@@ -248,32 +254,21 @@ COMPARED_METHODS = ("any_precision", "any_precision_published", "emq", "lsq", "q
 REFERENCE_METHOD = "full_precision"
 
 
-def methods_grid(profile: str) -> Grid:
-    """Chapter 06: every compared method and the full-precision reference over the profile's seeds;
-    at the cpu profile on half of the profile's images for three epochs with two seeds (the chapter
-    has not moved to the plateau scale yet: :func:`methods_plateau_grid` is its candidate)."""
-    if profile == "cpu":
-        seeds, scale = (0, 1), {"data.train_size": 3072, "train.epochs": 3}
-    else:
-        seeds, scale = SEEDS[profile], {}
-    return Grid({"methods": {(m, s): cell(m, train_seed=s)
-                             for s in seeds for m in (*COMPARED_METHODS, REFERENCE_METHOD)}}, scale=scale)
-
-
-# Chapter 06's candidate at the plateau scale of the other chapters: three seeds of all eleven methods there
-# do not fit the book's budget, so five of them with the reference: the two baselines of chapter 02 (the
-# same runs), a learned quantizer, the one-int-copy method and the fine-tuned one. Left out: the published
-# Any-Precision recipe (its step schedule flattens the last quarter by construction, so the plateau rule
-# cannot read it), QIL, the progressive and stochastic schedules and joint distillation.
+# At the cpu profile, three seeds of all eleven methods at the plateau scale do not fit the book's budget,
+# so five of them with the reference: the two baselines of chapter 02 (the same runs), a learned
+# quantizer, the one-int-copy method and the fine-tuned one. Left out there: the published Any-Precision
+# recipe (its step schedule flattens the last quarter by construction, so the plateau rule cannot read
+# it), QIL, the progressive and stochastic schedules and joint distillation.
 CPU_COMPARED_METHODS = ("any_precision", "emq", "lsq", "double_rounding", "shift")
 
 
-def methods_plateau_grid(profile: str) -> Grid:
-    if profile != "cpu":
-        raise KeyError(profile)
-    return Grid({"methods": {(m, s): cell(m, train_seed=s)
-                             for s in SEEDS[profile] for m in (*CPU_COMPARED_METHODS, REFERENCE_METHOD)}},
-                scale=CPU_PLATEAU_SCALE)
+def methods_grid(profile: str) -> Grid:
+    """Chapter 06: the compared methods and the full-precision reference over the profile's seeds; at
+    the cpu profile the five of CPU_COMPARED_METHODS at CPU_PLATEAU_SCALE, elsewhere all of them."""
+    methods = CPU_COMPARED_METHODS if profile == "cpu" else COMPARED_METHODS
+    return Grid({"methods": {(m, s): cell(m, train_seed=s) for s in SEEDS[profile]
+                             for m in (*methods, REFERENCE_METHOD)}},
+                scale=CPU_PLATEAU_SCALE if profile == "cpu" else {})
 
 
 GRIDS: dict[str, Callable[[str], Grid]] = {
@@ -284,8 +279,6 @@ GRIDS: dict[str, Callable[[str], Grid]] = {
     "04_coreset_pruning": pruning_grid,
     "06_methods": methods_grid,
     "02_shared_bn_plateau": bn_plateau_grid,
-    "04_coreset_pruning_plateau": pruning_plateau_grid,
-    "06_methods_plateau": methods_plateau_grid,
     "gpu_evidence": gpu_evidence_grid,
 }
 # the grids the book's chapters read (what `make runs` trains)
@@ -302,12 +295,13 @@ def grid_of(name: str, profile: str) -> Grid:
         raise ConfigError(f"grid {name!r} has no {profile!r} profile") from None
 
 
-def grid_stages(name: str, profile: str, base: RunConfig | None = None) -> list[tuple[Cell, list[RunConfig]]]:
-    """Every cell of grid ``name`` at ``profile`` with its runs (pretraining stages first), on ``base``
-    (default: the profile's config)."""
+def grid_stages(name: str, profile: str, base: RunConfig | None = None,
+                group: str | None = None) -> list[tuple[Cell, list[RunConfig]]]:
+    """Every cell of grid ``name`` at ``profile`` (or of one of its groups) with its runs (pretraining
+    stages first), on ``base`` (default: the profile's config)."""
     grid = grid_of(name, profile)
     start = grid.base(base or load_config(profile=profile))
-    return [(c, c.configs(start)) for c in grid.cells()]
+    return [(c, c.configs(start)) for c in grid.cells(group)]
 
 
 def grid_configs(name: str, profile: str, base: RunConfig | None = None) -> list[RunConfig]:

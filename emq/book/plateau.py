@@ -115,6 +115,37 @@ def last_quarter_swing(curve: dict[int, dict[int, float]]) -> float:
     return max(accs) - min(accs)
 
 
+@dataclass(frozen=True)
+class Collapse:
+    """A bit-width whose test accuracy rose well above chance and ended near it: a training that
+    diverged, not one that is slow (in %)."""
+
+    bits: int
+    best: float
+    best_epoch: int
+    last: float
+    fell_at: int  # the first epoch after the best one within the margin of chance
+    before: int  # the last epoch evaluated before it
+
+
+def collapses(run_or_rows, chance: float, margin: float = 10.0) -> list[Collapse]:
+    """The bit-widths of a run that ended within ``margin`` pp of ``chance`` (in %) after having been
+    more than twice the margin above it."""
+    rows = run_or_rows.metrics() if hasattr(run_or_rows, "metrics") else run_or_rows
+    curve = _curve(rows)
+    out = []
+    epochs = sorted(curve)
+    for bits in sorted({b for accs in curve.values() for b in accs}):
+        accs = {e: 100.0 * curve[e][bits] for e in epochs if bits in curve[e]}
+        best_epoch = max(accs, key=accs.get)
+        last = accs[max(accs)]
+        if last <= chance + margin and accs[best_epoch] > chance + 2 * margin:
+            after = [e for e in accs if e > best_epoch]
+            fell = next(e for e in after if accs[e] <= chance + margin)
+            out.append(Collapse(bits, accs[best_epoch], best_epoch, last, fell, max(e for e in accs if e < fell)))
+    return out
+
+
 def number_key(label: str) -> str:
     """A method's label as a JSON key: ``"shared_meanvar, trained on all"`` -> ``shared_meanvar_trained_on_all``."""
     return re.sub(r"\W+", "_", label).strip("_")

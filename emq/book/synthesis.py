@@ -129,6 +129,12 @@ def _pruning(n: dict) -> list[Finding]:
                            f"the separate networks cost {n['separate_over_joint_passes']:.2f}x the joint network's "
                            f"sample-passes and {n['separate_over_el2n_passes']:.2f}x static EL2N's; joint − separate "
                            f"{n['joint_vs_separate_worst_pp']:+.1f} pp at the worst bit-width"))
+    if "joint_recal_vs_separate_worst_pp" in n:
+        out.append(Finding(ch, "one multi-bit network, its BatchNorm statistics re-estimated per bit-width, is within "
+                           "1 pp of one network per bit-width at every bit-width",
+                           n["joint_recal_vs_separate_worst_pp"] >= -1.0,
+                           f"joint (re-estimated) − separate {n['joint_recal_vs_separate_worst_pp']:+.1f} pp at the "
+                           "worst bit-width", _flag(n, "per_bit_at_plateau")))
     redundancy = f"random_static_worst_pp_p{side}"
     if redundancy in n:
         out.append(Finding(ch, f"the data is redundant: a random {100 - int(side)} % of it keeps every bit-width "
@@ -159,10 +165,15 @@ def _full_scale(n: dict) -> list[Finding]:
 def _methods(n: dict) -> list[Finding]:
     names = sorted(k[:-len("_acc_2")] for k in n if k.endswith("_acc_2") and not k.startswith("best"))
     ranked = sorted(names, key=lambda m: -n[f"{m}_acc_2"])
-    return [Finding("06_methods", "EMQ is the most accurate multi-bit method at 2 bits", ranked[0] == "emq",
-                    f"EMQ {n['emq_acc_2']:.1f} %, rank {ranked.index('emq') + 1} of {len(ranked)}; best "
-                    f"{ranked[0]} {n[f'{ranked[0]}_acc_2']:.1f} %; full precision alone "
-                    f"{n['full_precision_acc_32']:.1f} % at 32 bits")]
+    out = [Finding("06_methods", "EMQ is the most accurate multi-bit method at 2 bits", ranked[0] == "emq",
+                   f"EMQ {n['emq_acc_2']:.1f} %, rank {ranked.index('emq') + 1} of {len(ranked)}; best "
+                   f"{ranked[0]} {n[f'{ranked[0]}_acc_2']:.1f} %; full precision alone "
+                   f"{n['full_precision_acc_32']:.1f} % at 32 bits")]
+    out += [Finding("06_methods", f"`{m}` trains without diverging at this scale", False,
+                    f"{n[f'{m}_diverged_runs']:.0f} of its runs ended near chance at some bit-width after rising "
+                    "well above it")
+            for m in names if n.get(f"{m}_diverged_runs", 0) > 0]
+    return out
 
 
 CLAIMS: dict[str, Callable[[dict], list[Finding]]] = {
