@@ -97,13 +97,14 @@ def test_the_doubling_check_retrains_the_chapters_own_runs_with_twice_their_epoc
     chapters = {c.hash() for name in ("02_shared_bn", "04_coreset_pruning") for c in grid_configs(name, "cpu")}
     short, long = grids.DOUBLING["cpu"][1]
     assert long == 2 * short == 2 * grids.CPU_PLATEAU_SCALE["train.epochs"]
-    for (method, epochs), cfg in run.items():
-        assert (cfg.hash() in chapters) == (epochs == short), (method, epochs)
+    for (method, epochs, seed), cfg in run.items():
+        assert (cfg.hash() in chapters) == (epochs == short), (method, epochs, seed)
         if epochs == long:  # the same run but for its length (and the pruned run's warm-up, 1/12 of it)
-            same = run[method, short].with_overrides({"train.epochs": long,
-                                                      "coreset.warmup_epochs": cfg.coreset.warmup_epochs})
+            same = run[method, short, seed].with_overrides({"train.epochs": long,
+                                                            "coreset.warmup_epochs": cfg.coreset.warmup_epochs})
             assert same.hash() == cfg.hash()
-    assert run["random 40 %", long].coreset.warmup_epochs == 2 * run["random 40 %", short].coreset.warmup_epochs > 0
+    pruned = {e: run["random 40 %", e, 0].coreset.warmup_epochs for e in (short, long)}
+    assert pruned[long] == 2 * pruned[short] > 0
 
 
 @needs_data

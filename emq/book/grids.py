@@ -72,8 +72,9 @@ SCALE_SIZES = {"smoke": (256, 512), "cpu": (6144, 24576, 0)}  # 0 = all 60k imag
 SCALE_TEST_SIZE = {"smoke": 256, "cpu": 0}
 # The doubling check: does a chapter's comparison change when its training is doubled? Chapter 02's three
 # headline methods and chapter 04's random 40 % of the images (warm-up 1/12 of the epochs), at the
-# chapters' scale (cpu: CPU_PLATEAU_SCALE, tested every 4th epoch) and at twice its epochs, first seed.
+# chapters' scale (cpu: CPU_PLATEAU_SCALE, tested every 4th epoch) and at twice its epochs.
 DOUBLING_METHODS = ("switchable", "shared", "shared_meanvar")
+DOUBLING_SEEDS = {"smoke": (0,), "cpu": (0, 1, 2)}
 DOUBLING = {"smoke": ({"data.train_size": 256, "data.test_size": 256}, (1, 2)),
             "cpu": ({"data.train_size": 2458, "train.eval_every": 4}, (48, 96))}
 
@@ -82,7 +83,7 @@ def scale_grid(profile: str) -> Grid:
     """Epochs on the profile's 6,144-image training set (every method); then full precision on
     other training-set sizes, 40 % of those images among them, and the multi-bit methods on all
     60k images for 4 epochs (about the sample-passes of 32 epochs on 6,144 images) and 8; and the
-    doubling check (group "doubling", keyed by method and epochs)."""
+    doubling check (group "doubling", keyed by method, epochs and seed)."""
     epochs, sizes = SCALE_EPOCHS[profile], SCALE_SIZES[profile]
     test = SCALE_TEST_SIZE[profile]
     cells = [cell(m, data_train_size=sizes[0], data_test_size=test, train_epochs=e)
@@ -101,11 +102,13 @@ def scale_grid(profile: str) -> Grid:
     else:
         cells += [cell(m, data_train_size=sizes[1], data_test_size=test, train_epochs=epochs[0]) for m in SCALE_METHODS]
     sizes_, lengths = DOUBLING[profile]
-    same = {k.replace(".", "_", 1): v for k, v in sizes_.items()} | {"train_seed": SEEDS[profile][0]}
-    doubling = {(m, e): cell(m, **same, train_epochs=e) for m in DOUBLING_METHODS for e in lengths}
-    doubling |= {("random 40 %", e): cell("shared_meanvar", **same, train_epochs=e, coreset_prune=0.6,
-                                          coreset_score="random", coreset_mode="static", coreset_warmup_epochs=e // 12)
-                 for e in lengths}
+    same = {k.replace(".", "_", 1): v for k, v in sizes_.items()}
+    doubling = {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
+                for s in DOUBLING_SEEDS[profile] for m in DOUBLING_METHODS for e in lengths}
+    doubling |= {("random 40 %", e, s): cell("shared_meanvar", **same, train_seed=s, train_epochs=e, coreset_prune=0.6,
+                                             coreset_score="random", coreset_mode="static",
+                                             coreset_warmup_epochs=e // 12)
+                 for s in DOUBLING_SEEDS[profile] for e in lengths}
     return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling})
 
 
