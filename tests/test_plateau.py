@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emq.book.plateau import PLATEAU_PP, Plateau, collapses, last_quarter_gain, method_gains, number_key, reference_epoch
+from emq.book.plateau import PLATEAU_PP, Plateau, chance_of_passing, collapses, last_quarter_gain, late_steps, method_gains, number_key, reference_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The chapters that compare methods. Chapter 00 (the scale study) measures where the plateau is:
@@ -218,3 +218,12 @@ def test_a_bit_width_that_rose_and_ended_near_chance_is_a_collapse_and_a_slow_on
     run = FakeRun(rows({e: 80.0 for e in two}, 32, **{"2": two, "4": slow}))
     (c,) = collapses(run, chance=10.0)
     assert (c.bits, c.best, c.best_epoch, c.before, c.fell_at, c.last) == (2, 76.0, 2, 3, 4, pytest.approx(9.3))
+
+
+def test_late_steps_are_the_moves_between_readings_near_the_end_and_set_the_chance_of_passing_the_rule():
+    run = FakeRun(rows({8: 70.0, 36: 80.0, 40: 80.6, 44: 80.1, 48: 80.5}))
+    assert late_steps(run) == pytest.approx([-0.5, 0.4])  # the readings from epoch 40 = 5/6 of 48 on
+    assert late_steps(run, start=0.75) == pytest.approx([0.6, -0.5, 0.4])
+    assert chance_of_passing(0.0) == 1.0
+    assert chance_of_passing(PLATEAU_PP) == pytest.approx(0.6827, abs=1e-4)  # within one standard deviation
+    assert chance_of_passing(2.0) < chance_of_passing(1.0) < chance_of_passing(0.5)

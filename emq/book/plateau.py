@@ -115,6 +115,25 @@ def last_quarter_swing(curve: dict[int, dict[int, float]]) -> float:
     return max(accs) - min(accs)
 
 
+def late_steps(run_or_rows, start: float = 5 / 6) -> list[float]:
+    """The changes (pp) of test accuracy at the highest trained bit-width from one evaluation to the
+    next, over the evaluations from the fraction ``start`` of the epochs on: at the end of a cosine
+    schedule, where the learning rate is a few percent of its peak, how far a network that has all but
+    stopped moves between two readings."""
+    curve = _curve(run_or_rows.metrics() if hasattr(run_or_rows, "metrics") else run_or_rows)
+    last = max(curve)
+    bits = max(curve[last])
+    accs = [100.0 * curve[e][bits] for e in sorted(curve) if e >= start * last and bits in curve[e]]
+    return [b - a for a, b in zip(accs, accs[1:])]
+
+
+def chance_of_passing(step_sd: float) -> float:
+    """The probability that a run which no longer learns passes the rule, when one reading differs from
+    another by a normal error of standard deviation ``step_sd`` (pp): ``P(|N(0, step_sd)| < PLATEAU_PP)``,
+    the gain being itself the difference of two readings."""
+    return math.erf(PLATEAU_PP / (step_sd * math.sqrt(2))) if step_sd > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class Collapse:
     """A bit-width whose test accuracy rose well above chance and ended near it: a training that
