@@ -44,10 +44,11 @@ POINTS = re.compile(r"_pp(_|$)")  # differences in percentage points
 # 03 0.074 and 5.7 pp; 04 0.066 and 9.0 pp; 05 12.5 (percent); 06 5.1 (percent). The last-quarter
 # gains (``*_gain_pp*``) of one-epoch smoke runs are their accuracies in points: chapter 06's
 # accuracy tolerance for 06, the largest measured "_pp" spread (5.9, doubled) for 01; the scale
-# study's smoke grid records counts and flags only; the synthesis, counts of chapters and claims and
+# study's smoke grid records counts and flags, and its doubling check differences of accuracies
+# (4.7 pp, doubled); the synthesis, counts of chapters and claims and
 # the largest gain of all chapters (hence the largest chapter tolerance).
 TOLERANCE = {
-    "00_scale": (None, None),
+    "00_scale": (None, 9.4),
     "01_quantization_bias": (0.02, 12.0),
     "02_shared_bn": (0.11, 12.0),
     "03_knowledge_transfer": (0.15, 12.0),
