@@ -9,7 +9,17 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emq.book.plateau import PLATEAU_PP, Plateau, chance_of_passing, collapses, last_quarter_gain, late_steps, method_gains, number_key, reference_epoch
+from emq.book.plateau import (
+    PLATEAU_PP,
+    Plateau,
+    chance_of_passing,
+    collapses,
+    last_quarter_gain,
+    late_steps,
+    method_gains,
+    number_key,
+    reference_epoch,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The chapters that compare methods. Chapter 00 (the scale study) measures where the plateau is:
