@@ -36,8 +36,10 @@ from emq.training.loop import reference_epoch
 PLATEAU_PP = 0.5  # percentage points over the last quarter of training
 
 
-def _curve(rows: Iterable[Mapping]) -> dict[int, dict[int, float]]:
-    """epoch -> {bits: test accuracy} from metric rows (rows without both are other records)."""
+def _curve(run_or_rows) -> dict[int, dict[int, float]]:
+    """epoch -> {bits: test accuracy} from a run's metric rows, or from the rows themselves (rows without
+    both are other records)."""
+    rows: Iterable[Mapping] = run_or_rows.metrics() if hasattr(run_or_rows, "metrics") else run_or_rows
     curve = {}
     for row in rows:
         if "epoch" in row and "test_acc" in row:
@@ -48,8 +50,7 @@ def _curve(rows: Iterable[Mapping]) -> dict[int, dict[int, float]]:
 def last_quarter_gain(run_or_rows, bits: int | None = None) -> float:
     """The last-quarter gain of a run (or of its metric rows), in percentage points, at ``bits``
     (default: the highest bit-width of its last epoch)."""
-    rows = run_or_rows.metrics() if hasattr(run_or_rows, "metrics") else run_or_rows
-    curve = _curve(rows)
+    curve = _curve(run_or_rows)
     if not curve:
         raise ValueError("no per-epoch test accuracy in the run's metrics: has it trained?")
     last = max(curve)
@@ -120,7 +121,7 @@ def late_steps(run_or_rows, start: float = 5 / 6) -> list[float]:
     next, over the evaluations from the fraction ``start`` of the epochs on: at the end of a cosine
     schedule, where the learning rate is a few percent of its peak, how far a network that has all but
     stopped moves between two readings."""
-    curve = _curve(run_or_rows.metrics() if hasattr(run_or_rows, "metrics") else run_or_rows)
+    curve = _curve(run_or_rows)
     last = max(curve)
     bits = max(curve[last])
     accs = [100.0 * curve[e][bits] for e in sorted(curve) if e >= start * last and bits in curve[e]]
@@ -150,8 +151,7 @@ class Collapse:
 def collapses(run_or_rows, chance: float, margin: float = 10.0) -> list[Collapse]:
     """The bit-widths of a run that ended within ``margin`` pp of ``chance`` (in %) after having been
     more than twice the margin above it."""
-    rows = run_or_rows.metrics() if hasattr(run_or_rows, "metrics") else run_or_rows
-    curve = _curve(rows)
+    curve = _curve(run_or_rows)
     out = []
     epochs = sorted(curve)
     for bits in sorted({b for accs in curve.values() for b in accs}):
