@@ -2,7 +2,7 @@
 BatchNorm re-estimation batches of the chapters, and chapter 05's full-scale setting.
 
 smoke: seconds, for tests. cpu: the default of `make book`; chapters 01-03 run their grids at the
-longer scale chosen by the scale study (``emq.book.grids.CPU_PLATEAU_SCALE``) with three seeds.
+longer scale chosen by the scale study (``emq.book.grids.CPU_SCALE``) with three seeds.
 gpu: full data, long schedules.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ SCALES: dict[str, dict] = {
     "smoke": {"data.train_size": 512, "data.test_size": 256, "data.augment": False, "model.depth": 8,
               "model.width": 0.25, "train.epochs": 1, "train.batch_size": 64},
     # ResNet-8 at half width on 6144 images for 4 epochs: about a minute per 4-bit-width run on 2 cores (the
-    # chapters' grids train longer on fewer images: emq.book.grids.CPU_PLATEAU_SCALE).
+    # chapters' grids train longer on fewer images: emq.book.grids.CPU_SCALE).
     "cpu": {"data.train_size": 6144, "data.test_size": 2000, "data.augment": False, "model.depth": 8,
             "model.width": 0.5, "train.epochs": 4, "train.batch_size": 128},
     "gpu": {"data.train_size": 0, "data.test_size": 0, "data.augment": True, "model.depth": 20,

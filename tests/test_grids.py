@@ -96,7 +96,7 @@ def test_the_doubling_check_retrains_the_chapters_own_runs_with_twice_their_epoc
     run = {key: c.configs(base)[-1] for key, c in doubling.items()}
     chapters = {c.hash() for name in ("02_shared_bn", "04_coreset_pruning") for c in grid_configs(name, "cpu")}
     short, long = grids.DOUBLING["cpu"][1]
-    assert long == 2 * short == 2 * grids.CPU_PLATEAU_SCALE["train.epochs"]
+    assert long == 2 * short == 2 * grids.CPU_SCALE["train.epochs"]
     for (method, epochs, seed), cfg in run.items():
         assert (cfg.hash() in chapters) == (epochs == short), (method, epochs, seed)
         if epochs == long:  # the same run but for its length (and the pruned run's warm-up, 1/12 of it)

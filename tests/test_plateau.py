@@ -19,6 +19,7 @@ from emq.book.plateau import (
     method_gains,
     number_key,
     reference_epoch,
+    two_reading_gain,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,15 +93,31 @@ def test_a_method_over_seeds_gives_the_mean_and_standard_error_of_its_gains():
     assert method_gains([FakeRun(rows({1: 50.0, 2: 50.2}))]).describe() == "0.20 (1 seed)"
 
 
-def test_a_comparison_is_at_a_plateau_only_when_every_run_gained_less_than_half_a_point():
-    flat = FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.4}))
-    learning = FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.5}))  # exactly 0.5 pp: still learning
+def test_the_gain_is_the_line_through_every_reading_of_the_last_quarter_not_its_two_ends():
+    zigzag = rows({8: 60.0, 36: 80.0, 40: 81.0, 44: 80.0, 48: 81.0})  # the last quarter of 48 epochs: 36-48
+    assert two_reading_gain(zigzag) == pytest.approx(1.0)  # one reading at each end
+    assert last_quarter_gain(zigzag) == pytest.approx(0.05 * 12)  # slope 0.05 pp/epoch over 12 epochs
+    # a straight line is read the same either way
+    straight = rows({e: 70 + 0.1 * e for e in (8, 36, 40, 44, 48)})
+    assert last_quarter_gain(straight) == pytest.approx(two_reading_gain(straight)) == pytest.approx(1.2)
+
+
+def test_a_method_is_at_a_plateau_when_its_mean_gain_over_seeds_is_under_half_a_point_by_more_than_its_se():
+    def run(gain):
+        return FakeRun(rows({1: 70.0, 2: 80.0, 3: 84.0, 4: 84.0 + gain}))
+
     assert PLATEAU_PP == 0.5
-    both_flat = Plateau({"a": [flat, flat], "b": [flat]})
-    assert both_flat.at_plateau and both_flat.learning() == []
-    one_learning = Plateau({"a": [flat, learning], "b": [flat]})
-    assert not one_learning.at_plateau and one_learning.learning() == ["a"]
-    assert one_learning.largest == pytest.approx(0.5)
+    flat = Plateau({"a": [run(0.4), run(0.4)], "b": [run(0.4)]})
+    assert flat.at_plateau and flat.learning() == [] and flat.bound == pytest.approx(0.4)
+    edge = Plateau({"a": [run(0.4), run(0.5)], "b": [run(0.4)]})  # 0.45 + s.e. 0.05 = 0.5: not under it
+    assert not edge.at_plateau and edge.learning() == ["a"]
+    assert edge.bound == pytest.approx(0.5) and edge.largest == pytest.approx(0.45)
+    assert Plateau({"a": [run(0.3), run(0.2), run(0.1)]}).at_plateau  # 0.2 + 0.06
+    # seeds that scatter: a mean of 0 that cannot be read at 0.5 pp (s.e. 0.52)
+    scatter = Plateau({"a": [run(0.9), run(-0.9), run(0.0)]})
+    assert scatter.methods["a"].mean == pytest.approx(0.0) and not scatter.at_plateau
+    # and one run alone: its gain under 0.5 pp either way
+    assert Plateau({"a": [run(-0.4)]}).at_plateau and not Plateau({"a": [run(0.5)]}).at_plateau
 
 
 def test_a_comparison_is_judged_on_its_own_runs_whatever_the_other_methods_of_the_chapter_do():
