@@ -42,7 +42,7 @@ def test_emq_is_ranked_among_the_multi_bit_methods_by_their_2_bit_accuracy():
 
 
 @pytest.mark.parametrize(("flag", "gain", "status"),
-                         [(1.0, 0.3, "verdicts"), (0.0, 4.1, "still learning (moved 4.1 pp)")])
+                         [(1.0, 0.3, "verdicts"), (0.0, 4.1, "still learning (|mean gain| + s.e. up to 4.1 pp)")])
 def test_a_chapter_gives_verdicts_only_when_its_networks_stopped_learning(flag, gain, status):
     (state,) = chapter_states({"01_quantization_bias": {"at_plateau": flag, "max_last_quarter_gain_pp": gain}}, "cpu")
     assert state.at_plateau is (flag == 1.0) and state.status == status
@@ -58,7 +58,7 @@ def test_a_claim_whose_own_runs_stopped_learning_is_a_verdict_in_a_chapter_that_
 
 
 def test_the_scale_of_a_chapter_is_read_from_its_grid():
-    assert scale_of("02_shared_bn", "cpu") == "resnet-8 x0.5, 2,458 images, 48 epochs, 3 seeds"
+    assert scale_of("02_shared_bn", "cpu") == "resnet-8 x0.5, 2,458 images, 96 epochs, 3 seeds"
     assert scale_of("04_coreset_pruning", "cpu") == "resnet-8 x0.5, 2,458 images, 48 epochs, 3 seeds"
     assert scale_of("05_full_scale", "cpu").startswith("runbook")
 

@@ -257,6 +257,12 @@ class Plateau:
         """The methods still learning (or unstable): ``|mean gain| + s.e.`` of 0.5 pp or more."""
         return [label for label, g in self.methods.items() if not g.at_plateau]
 
+    def why(self) -> str:
+        """The method furthest from flat and its gain: ``"shared: 1.93 ± 1.23 pp over the last quarter,
+        |mean| + s.e. 3.16 pp"``."""
+        label, g = max(self.methods.items(), key=lambda item: item[1].bound)
+        return f"{label}: {g.describe()} pp over the last quarter, |mean| + s.e. {g.bound:.2f} pp"
+
     def table(self) -> pd.DataFrame:
         """One row per method: its runs, the bit-width read, the last quarter's epochs, the gain as
         mean ± s.e. over seeds, |mean| + s.e. (what the rule reads), the largest gain of a run, and the
@@ -299,7 +305,8 @@ class Plateau:
             return (f"**{who} at a plateau**: at the highest trained bit-width, every method's mean gain of test "
                     f"accuracy over the last quarter of training is within {PLATEAU_PP} pp of zero by more than its "
                     f"standard error (|mean| + s.e. at most {self.bound:.2f} pp), so the comparisons below are "
-                    "verdicts at a plateau.")
+                    "verdicts at a plateau. Such a plateau is necessary for a verdict, not sufficient: the scale "
+                    "study (chapter 00) found runs the rule calls flat that a schedule twice as long still raised.")
         learning = "; ".join(f"{label} {self.methods[label].describe()} pp" for label in self.learning())
         return (f"**The networks are still learning**: {len(self.learning())} of {len(self.methods)} methods gained "
                 f"{PLATEAU_PP} pp or more of test accuracy at the highest trained bit-width over the last quarter of "

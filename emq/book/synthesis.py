@@ -49,14 +49,14 @@ class ChapterState:
 
     chapter: str
     at_plateau: bool | None  # None: the chapter trains nothing it compares (a runbook)
-    largest_gain_pp: float | None  # the largest last-quarter gain of 32-bit accuracy of its runs
+    largest_gain_pp: float | None  # the largest |mean last-quarter gain| + s.e. of its methods (32 bits), pp
     scale: str
 
     @property
     def status(self) -> str:
         if self.at_plateau is None:
             return "no verdicts (runbook)"
-        return "verdicts" if self.at_plateau else f"still learning (moved {self.largest_gain_pp:.1f} pp)"
+        return "verdicts" if self.at_plateau else f"still learning (|mean gain| + s.e. up to {self.largest_gain_pp:.1f} pp)"
 
 
 def _yes(numbers: dict, key: str) -> bool:
