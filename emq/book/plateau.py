@@ -301,12 +301,15 @@ class Plateau:
         """One sentence (Markdown) on whether the chapter's comparisons are verdicts."""
         runs = sum(len(g.gains) for g in self.methods.values())
         if self.at_plateau:
-            who = "The run is" if runs == 1 else f"All {len(self.methods)} methods ({runs} runs) are"
-            return (f"**{who} at a plateau**: at the highest trained bit-width, every method's mean gain of test "
-                    f"accuracy over the last quarter of training is within {PLATEAU_PP} pp of zero by more than its "
-                    f"standard error (|mean| + s.e. at most {self.bound:.2f} pp), so the comparisons below are "
-                    "verdicts at a plateau. Such a plateau is necessary for a verdict, not sufficient: the scale "
-                    "study (chapter 00) found runs the rule calls flat that a schedule twice as long still raised.")
+            who, what = (("The run is", f"its gain of test accuracy over the last quarter of training is "
+                          f"{self.largest:+.2f} pp, within {PLATEAU_PP} pp of zero") if runs == 1 else
+                         (f"All {len(self.methods)} methods ({runs} runs) are",
+                          "every method's mean gain of test accuracy over the last quarter of training is within "
+                          f"{PLATEAU_PP} pp of zero by more than its standard error (|mean| + s.e. at most "
+                          f"{self.bound:.2f} pp)"))
+            return (f"**{who} at a plateau**: at the highest trained bit-width, {what}, so the comparisons below are "
+                    "verdicts at a plateau. The rule reads the last quarter of the schedule only; whether a schedule "
+                    "twice as long would change a comparison is measured where the scale study (chapter 00) trains one.")
         learning = "; ".join(f"{label} {self.methods[label].describe()} pp" for label in self.learning())
         return (f"**The networks are still learning**: {len(self.learning())} of {len(self.methods)} methods gained "
                 f"{PLATEAU_PP} pp or more of test accuracy at the highest trained bit-width over the last quarter of "
