@@ -311,9 +311,9 @@ class Plateau:
                     "verdicts at a plateau. The rule reads the last quarter of the schedule only; whether a schedule "
                     "twice as long would change a comparison is measured where the scale study (chapter 00) trains one.")
         learning = "; ".join(f"{label} {self.methods[label].describe()} pp" for label in self.learning())
-        return (f"**The networks are still learning**: {len(self.learning())} of {len(self.methods)} methods gained "
-                f"{PLATEAU_PP} pp or more of test accuracy at the highest trained bit-width over the last quarter of "
-                f"training, or cannot be told from it within one standard error ({learning}). The comparisons below "
+        return (f"**The networks are still learning**: for {len(self.learning())} of {len(self.methods)} methods, the "
+                "mean change of test accuracy at the highest trained bit-width over the last quarter of training is "
+                f"not within {PLATEAU_PP} pp of zero by more than its standard error ({learning}). The comparisons below "
                 "that involve these methods describe their runs; they are not verdicts on the methods, which longer "
                 "training could change. Where a run's swing (highest minus lowest accuracy evaluated in its last "
                 "quarter) is large, its readings scatter that much, and more seeds or readings are needed to see "
