@@ -31,8 +31,9 @@ Why a line and a mean over seeds, rather than one reading at each end of every r
 training one zero-shot reading of a shared-BN network differs from the next by 0.5-1.9 pp (sd; the
 scale study's "how fine the rule can see"), so the first rule could not pass three flat seeds. The
 line uses every reading of the last quarter, the mean every seed. This rule was fixed before the
-chapters' 96-epoch runs of shared + mean and of chapter 03 were trained, and checked on the scale
-study's doubling runs (chapter 00), whose 96-epoch readings were seen before.
+96-epoch runs of chapter 02's shared + mean and all-bit-width control, of chapter 03 and of chapter
+06's LSQ, Double Rounding, shift-bit and full precision were trained, and checked on the scale
+study's doubling runs (chapter 00), whose one-reading gains had been seen before.
 """
 from __future__ import annotations
 
@@ -308,16 +309,17 @@ class Plateau:
                           f"{PLATEAU_PP} pp of zero by more than its standard error (|mean| + s.e. at most "
                           f"{self.bound:.2f} pp)"))
             return (f"**{who} at a plateau**: at the highest trained bit-width, {what}, so the comparisons below are "
-                    "verdicts at a plateau. The rule reads the last quarter of the schedule only; whether a schedule "
-                    "twice as long would change a comparison is measured where the scale study (chapter 00) trains one.")
+                    "verdicts at a plateau. The rule reads the last quarter of the schedule only; whether a "
+                    "schedule twice as long would change a comparison is measured where the scale study (chapter 00) "
+                    "trains one.")
         learning = "; ".join(f"{label} {self.methods[label].describe()} pp" for label in self.learning())
         return (f"**The networks are still learning**: for {len(self.learning())} of {len(self.methods)} methods, the "
                 "mean change of test accuracy at the highest trained bit-width over the last quarter of training is "
-                f"not within {PLATEAU_PP} pp of zero by more than its standard error ({learning}). The comparisons below "
-                "that involve these methods describe their runs; they are not verdicts on the methods, which longer "
-                "training could change. Where a run's swing (highest minus lowest accuracy evaluated in its last "
-                "quarter) is large, its readings scatter that much, and more seeds or readings are needed to see "
-                "a 0.5 pp trend through them.")
+                f"not within {PLATEAU_PP} pp of zero by more than its standard error ({learning}). The comparisons "
+                "below that involve these methods describe their runs; they are not verdicts on the methods, which "
+                "longer training could change. Where a run's swing (highest minus lowest accuracy evaluated in its "
+                "last quarter) is large, its readings scatter that much, and more seeds or readings are needed to "
+                "see a 0.5 pp trend through them.")
 
     def lead(self) -> str:
         """The words before a list of outcomes: a verdict at a plateau, or what still-learning runs show."""

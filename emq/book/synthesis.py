@@ -56,7 +56,9 @@ class ChapterState:
     def status(self) -> str:
         if self.at_plateau is None:
             return "no verdicts (runbook)"
-        return "verdicts" if self.at_plateau else f"still learning (|mean gain| + s.e. up to {self.largest_gain_pp:.1f} pp)"
+        if self.at_plateau:
+            return "verdicts"
+        return f"still learning (|mean gain| + s.e. up to {self.largest_gain_pp:.1f} pp)"
 
 
 def _yes(numbers: dict, key: str) -> bool:
