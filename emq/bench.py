@@ -20,7 +20,10 @@
    N-thread process.
 7. With ``--budget``: the time the runner takes to train every chapter's grid from an empty
    store with 2 workers, computed from the wall times the committed runs recorded (each run
-   counted once, however many chapters read it).
+   counted once, however many chapters read it), and at the pace of each run's fastest tenth
+   of epochs, since many runs were trained beside more workers than cores. With
+   ``--budget-check N``: N committed runs retrained now beside each other, their times against
+   both estimates.
 """
 from __future__ import annotations
 
@@ -35,8 +38,16 @@ from pathlib import Path
 import torch
 
 from emq.book.chapter import repo_root
-from emq.book.grids import CHAPTER_GRIDS, grid_configs, runner_seconds, train_all
-from emq.config import ModelConfig, QuantConfig, load_config
+from emq.book.grids import (
+    CHAPTER_GRIDS,
+    grid_configs,
+    grid_stages,
+    paced_seconds,
+    recorded_seconds,
+    runner_seconds,
+    train_all,
+)
+from emq.config import ModelConfig, QuantConfig, RunConfig, load_config
 from emq.data.load import load_data
 from emq.methods import method_config
 from emq.nn.models import build_model, make_model
@@ -244,24 +255,60 @@ def runner_throughput(profile: str, runs: int, layouts: tuple[tuple[int, int], .
 
 
 def print_budget(profile: str, jobs: int = 2) -> None:
-    """Per chapter grid and for the book: runs, runs missing from the store, the recorded training
-    time of its runs (core-hours) and the runner's time with ``jobs`` one-thread workers."""
+    """Per chapter grid and for the book: runs, runs missing from the store, the training time of its
+    runs (core-hours) and the runner's time with ``jobs`` one-thread workers, from the wall times the
+    runs recorded and at the pace of their fastest tenth of epochs (:func:`emq.book.grids.paced_seconds`)."""
     store = ResultsStore(repo_root() / "results")
     every = {name: grid_configs(name, profile) for name in CHAPTER_GRIDS}
     print(f"training the chapters' grids at the {profile} profile from an empty store, {jobs} one-thread workers "
-          "(from the wall times the runs recorded):")
+          "(recorded: the runs' wall times; paced: at the pace of each run's fastest tenth of epochs):")
 
     def line(label, configs):
         configs = list({c.hash(): c for c in configs}.values())
-        seconds, missing = runner_seconds(configs, store, jobs)
-        total, _ = runner_seconds(configs, store, 1)
-        print(f"  {label:32} {len(configs):4d} runs ({missing} not in the store)  {total / 3600:6.2f} core-hours  "
-              f"runner {seconds / 3600:5.2f} h")
+        cells = []
+        for seconds in (recorded_seconds, paced_seconds):
+            runner, missing = runner_seconds(configs, store, jobs, seconds)
+            total, _ = runner_seconds(configs, store, 1, seconds)
+            cells.append(f"{total / 3600:6.2f} core-h, runner {runner / 3600:5.2f} h")
+        print(f"  {label:28} {len(configs):4d} runs ({missing} not in the store)  recorded {cells[0]}  "
+              f"paced {cells[1]}")
 
     for name, configs in every.items():
         line(name, configs)
     line("every chapter but 00_scale", [c for name, cs in every.items() if name != "00_scale" for c in cs])
     line("every chapter", [c for cs in every.values() for c in cs])
+
+
+def budget_check(profile: str, runs: int = 4, jobs: int = 2) -> list[dict]:
+    """Retrain ``runs`` committed runs of the chapters' grids into a temporary store with the runner
+    (``jobs`` one-thread workers, nothing else to run beside them) and return, per run, the seconds it
+    recorded, its paced estimate and the seconds it takes now. The runs: the cheapest of each kind
+    (method, trained bit-widths, epochs), cheapest kinds first, none fine-tuned from another."""
+    store = ResultsStore(repo_root() / "results")
+    method = {cfg.hash(): c.method for name in CHAPTER_GRIDS for c, stages in grid_stages(name, profile)
+              for cfg in stages}
+    configs = {c.hash(): c for name in CHAPTER_GRIDS for c in grid_configs(name, profile)
+               if not c.train.init_from and store.is_finished(c)}
+    kinds: dict[tuple, RunConfig] = {}
+    for c in sorted(configs.values(), key=lambda c: paced_seconds(store.run(c))):
+        kinds.setdefault((method[c.hash()], len(c.train.bits), c.train.epochs), c)
+    chosen = list(kinds.values())[:runs]
+    with tempfile.TemporaryDirectory() as tmp:
+        again = ResultsStore(tmp)
+        train_all(chosen, again, jobs, 1, echo=lambda line: None)
+        return [{"hash": c.hash(), "kind": f"{method[c.hash()]}, {len(c.train.bits)} bits, {c.train.epochs} epochs",
+                 "recorded_s": recorded_seconds(store.run(c)), "paced_s": paced_seconds(store.run(c)),
+                 "now_s": recorded_seconds(again.run(c))} for c in chosen]
+
+
+def print_budget_check(profile: str, runs: int, jobs: int = 2) -> None:
+    rows = budget_check(profile, runs, jobs)
+    print(f"the budget's estimates against {len(rows)} committed runs retrained now, {jobs} one-thread workers:")
+    for r in rows:
+        print(f"  {r['hash']} {r['kind']:42} recorded {r['recorded_s']:6.0f} s  paced {r['paced_s']:6.0f} s  "
+              f"now {r['now_s']:6.0f} s")
+    now, paced, recorded = (sum(r[k] for r in rows) for k in ("now_s", "paced_s", "recorded_s"))
+    print(f"  ratio now / paced {now / paced:.2f}, now / recorded {now / recorded:.2f}")
 
 
 def main(argv=None) -> int:
@@ -283,6 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--runner-runs", type=int, default=4, help="runs trained per layout by --runner (default 4)")
     p.add_argument("--budget", action="store_true",
                    help="the runner's time for every chapter's grid, from the committed runs' wall times")
+    p.add_argument("--budget-check", type=int, default=0, metavar="N",
+                   help="retrain N committed runs (the cheapest of each kind) to check the budget's estimates")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="also time compiled steps (auto: on CUDA only; inductor on the CPU compiles for minutes)")
     args = p.parse_args(argv)
@@ -315,6 +364,8 @@ def main(argv=None) -> int:
               f"{rows[0]['runs_per_hour'] / rows[1]['runs_per_hour']:.2f}")
     if args.budget:
         print_budget(args.profile)
+    if args.budget_check:
+        print_budget_check(args.profile, args.budget_check)
     if not args.no_book:
         print(f"whole book at the {args.profile} profile, fresh results store:")
         print(f"  book time {book_time(args.profile):.0f} s")

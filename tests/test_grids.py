@@ -111,6 +111,23 @@ def test_the_doubling_check_is_the_chapters_own_runs_at_48_and_96_epochs():
     assert pruned[long] == 2 * pruned[short] > 0
 
 
+def test_chapter_06s_verdict_is_doubled_on_its_own_runs_of_lsq_and_the_baseline():
+    verdict = grids.grid_of("00_scale", "cpu").groups["verdict"]
+    base = load_config(profile="cpu")
+    run = {key: c.configs(base)[-1] for key, c in verdict.items()}
+    methods = {(c.method, c.overrides[0]) for c in grids.grid_of("06_methods", "cpu").cells("methods")}
+    chapter = {key: c.configs(grids.grid_of("06_methods", "cpu").base(base))[-1].hash()
+               for key, c in grids.grid_of("06_methods", "cpu").groups["methods"].items()}
+    short, long = grids.VERDICT_LENGTHS["cpu"]
+    assert short == grids.CPU_LONG_SCALE["train.epochs"] and long == 2 * short and methods
+    named = {"switchable": "any_precision", "lsq": "lsq"}  # any_precision is switchable BN
+    for (method, epochs, seed), cfg in run.items():
+        if epochs == short:
+            assert cfg.hash() == chapter[named[method], seed]
+        else:
+            assert cfg.with_overrides({"train.epochs": short}).hash() == chapter[named[method], seed]
+
+
 @needs_data
 def test_the_runner_trains_the_missing_runs_on_two_processes_then_nothing(tmp_path, monkeypatch):
     # a grid registered for this test only (undone after it)
@@ -158,3 +175,36 @@ def test_the_runners_time_is_computed_from_the_recorded_wall_times_in_its_order_
     # two workers: a (0-10) and b (0-30); c on the first free one (10-30); tuned after a (30-35)
     assert runner_seconds([a, b, c, tuned, missing], store, jobs=2) == (35.0, 1)
     assert runner_seconds([a, b, c, tuned], store, jobs=1) == (65.0, 0)
+
+
+def _run_with_epochs(store, cfg, seconds, tested_every=4, steps=10):
+    """A finished run whose epochs took ``seconds`` each, tested after every ``tested_every``-th."""
+    path = store.path_of(cfg)
+    path.mkdir(parents=True)
+    rows, t = [], 0.0
+    for e, d in enumerate(seconds, 1):
+        t += d
+        rows.append({"epoch": e, "step": steps * e, "elapsed_s": t,
+                     **({"test_acc": {"32": 0.5}} if e % tested_every == 0 else {})})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "summary.json").write_text(json.dumps({"wall_time_s": t}))
+    return store.run(cfg)
+
+
+def test_a_runs_paced_time_is_its_time_at_the_pace_of_its_faster_epochs(tmp_path):
+    store = ResultsStore(tmp_path)
+    base = load_config(profile="smoke")
+    # eight epochs of 1 s, of which the last four were slowed to 3 s by other workers: 16 s at the pace of 8 s
+    slowed = _run_with_epochs(store, base, [1, 1, 1, 1, 3, 3, 3, 3], tested_every=100)
+    assert grids.recorded_seconds(slowed) == 16 and grids.paced_seconds(slowed) == pytest.approx(8)
+    # a run that was never slowed keeps its time, its evaluations (timed in the epoch after them) included
+    steady = _run_with_epochs(store, base.with_overrides({"train.seed": 1}), [1, 1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1])
+    assert grids.paced_seconds(steady) == grids.recorded_seconds(steady) == 14
+    # a pruned run's long full-data epochs and short pruned ones are paced each among their own kind
+    cfg = base.with_overrides({"train.seed": 2})
+    pruned = store.path_of(cfg)
+    pruned.mkdir(parents=True)
+    ends = [(2, 10), (4, 20), (4.5, 21), (5, 22), (5.5, 23), (6, 24)]
+    (pruned / "metrics.jsonl").write_text("".join(json.dumps({"elapsed_s": t, "step": s}) + "\n" for t, s in ends))
+    (pruned / "summary.json").write_text(json.dumps({"wall_time_s": 6}))
+    assert grids.paced_seconds(store.run(cfg)) == 6

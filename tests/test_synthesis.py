@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from emq.book.synthesis import CHAPTER_TITLES, CLAIMS, chapter_states, findings, read_numbers, scale_of
+from emq.book.synthesis import (
+    CHAPTER_TITLES,
+    CLAIMS,
+    chapter_states,
+    doubled_verdicts,
+    findings,
+    read_numbers,
+    scale_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = read_numbers(ROOT / "results")
@@ -108,3 +116,36 @@ def test_whether_the_data_is_redundant_is_a_claim_once_chapter_04_records_its_ra
         (f,) = [f for f in findings({"04_coreset_pruning": {**n, f"random_static_worst_pp_p{side}": gap}})
                 if f.claim.startswith(claim)]
         assert f.supported is redundant and f"{gap:+.1f} pp" in f.evidence
+
+
+def test_a_related_method_beats_the_baseline_only_by_more_than_twice_its_standard_error_judged_on_its_own_runs():
+    n = {"any_precision_acc_2": 81.0, "lsq_acc_2": 82.4, "emq_acc_2": 70.0, "best_acc_2": 82.4,
+         "full_precision_acc_32": 83.0, "best_2bit_at_plateau": 1.0, "lsq_vs_any_precision_2bit_pp": 1.33,
+         "lsq_vs_any_precision_2bit_se_pp": 0.24, "emq_vs_any_precision_2bit_pp": -10.0,
+         "emq_vs_any_precision_2bit_se_pp": 3.0}
+
+    def claim(numbers):
+        (f,) = [f for f in findings({"06_methods": numbers}) if f.claim.startswith("a related method")]
+        return f
+
+    clear = claim(n)
+    assert clear.supported is True and clear.at_plateau is True
+    assert "lsq, − any_precision: +1.33 ± 0.24" in clear.evidence
+    assert claim({**n, "lsq_vs_any_precision_2bit_se_pp": 0.7}).supported is False  # 1.33 < 2 x 0.7
+    assert claim({**n, "best_2bit_at_plateau": 0.0}).at_plateau is False
+    baseline = claim({**n, "any_precision_acc_2": 83.0})
+    assert baseline.supported is False and "the baseline is the most accurate" in baseline.evidence
+
+
+def test_chapter_06s_comparison_at_twice_the_epochs_says_whether_it_held():
+    scale = {"verdict_lsq_vs_switchable_2bit_pp_96": 1.33, "verdict_lsq_vs_switchable_2bit_se_pp_96": 0.24,
+             "verdict_lsq_vs_switchable_2bit_pp_192": 0.9, "verdict_lsq_vs_switchable_2bit_se_pp_192": 0.3,
+             "verdict_lsq_vs_switchable_4bit_pp_96": -0.85, "verdict_lsq_vs_switchable_4bit_se_pp_96": 0.52,
+             "verdict_lsq_vs_switchable_4bit_pp_192": -0.2, "verdict_lsq_vs_switchable_4bit_se_pp_192": 0.5,
+             "verdict_2bit_held": 1.0, "verdict_at_plateau_192": 1.0}
+    (line,) = doubled_verdicts(scale)  # 4 bits was not clear at 96 epochs: nothing to hold
+    assert line == ("lsq − switchable at 2 bits: +1.33 ± 0.24 pp at 96 epochs, +0.90 ± 0.30 pp at 192: held, "
+                    "both methods at a plateau at 192")
+    (line,) = doubled_verdicts({**scale, "verdict_2bit_held": 0.0, "verdict_at_plateau_192": 0.0})
+    assert line.endswith("did not hold, the methods not both at a plateau at 192")
+    assert doubled_verdicts({}) == []

@@ -19,7 +19,7 @@ import torch
 from emq.config import ConfigError, RunConfig, load_config
 from emq.methods import method_configs
 from emq.profiles import SEEDS
-from emq.results import ResultsStore, read_json
+from emq.results import ResultsStore, Run
 from emq.training.loop import train
 
 
@@ -80,11 +80,18 @@ DOUBLING = {"smoke": ({"data.train_size": 256, "data.test_size": 256}, (1, 2)),
             "cpu": ({"data.train_size": 2458, "train.eval_every": 4}, (48, 96))}
 
 
+# Chapter 06's verdict (LSQ against the Any-Precision baseline, i.e. switchable BN) doubled in turn: both
+# methods at chapter 06's length and at twice it (group "verdict", keyed by method, epochs and seed).
+VERDICT_METHODS = ("switchable", "lsq")
+VERDICT_LENGTHS = {"smoke": (2, 4), "cpu": (96, 192)}
+
+
 def scale_grid(profile: str) -> Grid:
     """Epochs on the profile's 6,144-image training set (every method); then full precision on
     other training-set sizes, 40 % of those images among them, and the multi-bit methods on all
-    60k images for 4 epochs (about the sample-passes of 32 epochs on 6,144 images) and 8; and the
-    doubling check (group "doubling", keyed by method, epochs and seed)."""
+    60k images for 4 epochs (about the sample-passes of 32 epochs on 6,144 images) and 8; the
+    doubling check (group "doubling", keyed by method, epochs and seed); and chapter 06's verdict at
+    twice its epochs (group "verdict", the same keys)."""
     epochs, sizes = SCALE_EPOCHS[profile], SCALE_SIZES[profile]
     test = SCALE_TEST_SIZE[profile]
     cells = [cell(m, data_train_size=sizes[0], data_test_size=test, train_epochs=e)
@@ -110,7 +117,9 @@ def scale_grid(profile: str) -> Grid:
                                              coreset_score="random", coreset_mode="static",
                                              coreset_warmup_epochs=e // 12)
                  for s in DOUBLING_SEEDS[profile] for e in lengths}
-    return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling})
+    verdict = {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
+               for s in DOUBLING_SEEDS[profile] for m in VERDICT_METHODS for e in VERDICT_LENGTHS[profile]}
+    return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling, "verdict": verdict})
 
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------
@@ -352,9 +361,43 @@ def run_cost(cfg: RunConfig) -> int:
     return (cfg.data.train_size or 60_000) * cfg.train.epochs * len(cfg.train.bits)
 
 
-def runner_seconds(configs: list[RunConfig], store: ResultsStore, jobs: int = 2) -> tuple[float, int]:
+def recorded_seconds(run: Run) -> float:
+    """The wall time a finished run recorded."""
+    return run.summary["wall_time_s"]
+
+
+def paced_seconds(run: Run, quantile: float = 0.25) -> float:
+    """A finished run's wall time at the pace of its faster epochs. Runs trained beside more workers than
+    cores were slowed for part of their epochs; this scales the recorded time by how much faster the
+    run's epochs without a test evaluation (all its epochs, if it tests after nearly every one) would
+    have been at the ``quantile`` of their durations, taken among epochs of the same number of steps (a
+    pruned run's full-data warm-up is one kind, its pruned epochs another). Read from
+    ``metrics.jsonl``; the recorded time if the run has fewer than 4 epochs."""
+    wall = recorded_seconds(run)
+    rows = [r for r in run.metrics() if "elapsed_s" in r and "step" in r]
+    ends = [(0.0, 0), *((r["elapsed_s"], r["step"]) for r in rows)]
+    # a test evaluation is logged with its epoch and timed in the next one
+    tested = [False, *("test_acc" in r for r in rows)]
+    kinds: dict[int, list[float]] = {}
+    for plain_only in (True, False):  # all epochs where fewer than 4 are without one (tested every epoch)
+        kinds.clear()
+        for (t0, s0), (t1, s1), after_test in zip(ends, ends[1:], tested):
+            if s1 > s0 and not (plain_only and after_test):
+                kinds.setdefault(s1 - s0, []).append(t1 - t0)
+        if sum(len(d) for d in kinds.values()) >= 4:
+            break
+    measured = sum(sum(d) for d in kinds.values())
+    if sum(len(d) for d in kinds.values()) < 4 or measured <= 0:
+        return wall
+    paced = sum(sorted(d)[int(quantile * len(d))] * len(d) for d in kinds.values())
+    return wall * min(1.0, paced / measured)
+
+
+def runner_seconds(configs: list[RunConfig], store: ResultsStore, jobs: int = 2,
+                   seconds: Callable[[Run], float] = recorded_seconds) -> tuple[float, int]:
     """How long :func:`train_all` takes to train ``configs`` from an empty store with ``jobs`` workers,
-    from the wall time each finished run recorded: the runs in the runner's order (cheapest first),
+    from each finished run's ``seconds`` (default: the wall time it recorded; :func:`paced_seconds`
+    for the time without other workers beside it): the runs in the runner's order (cheapest first),
     each started on the first free worker, a fine-tuned run not before its source has finished.
     Also returns how many of ``configs`` the store lacks (not counted)."""
     done = sorted((c for c in configs if store.is_finished(c)), key=run_cost)
@@ -362,7 +405,7 @@ def runner_seconds(configs: list[RunConfig], store: ResultsStore, jobs: int = 2)
     for c in done:
         i = min(range(jobs), key=free.__getitem__)
         start = max(free[i], finished.get(c.train.init_from, 0.0))
-        free[i] = finished[c.hash()] = start + read_json(store.path_of(c) / "summary.json")["wall_time_s"]
+        free[i] = finished[c.hash()] = start + seconds(store.run(c))
     return max(free), len(configs) - len(done)
 
 

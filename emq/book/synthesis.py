@@ -171,11 +171,67 @@ def _methods(n: dict) -> list[Finding]:
                    f"EMQ {n['emq_acc_2']:.1f} %, rank {ranked.index('emq') + 1} of {len(ranked)}; best "
                    f"{ranked[0]} {n[f'{ranked[0]}_acc_2']:.1f} %; full precision alone "
                    f"{n['full_precision_acc_32']:.1f} % at 32 bits")]
+    low = min((int(m.group(1)) for m in map(_BEST.match, n) if m), default=None)  # the lowest judged bit-width
+    if low is not None and (f := _against_baseline(n, names, low)):
+        out.append(f)
     out += [Finding("06_methods", f"`{m}` trains without diverging at this scale", False,
                     f"{n[f'{m}_diverged_runs']:.0f} of its runs ended near chance at some bit-width after rising "
                     "well above it")
             for m in names if n.get(f"{m}_diverged_runs", 0) > 0]
     return out
+
+
+_BEST = re.compile(r"^best_(\d+)bit_at_plateau$")
+_DOUBLED = re.compile(r"^verdict_(.+)_vs_(.+)_(\d+)bit_pp_(\d+)$")
+
+
+def doubled_verdicts(scale: dict) -> list[str]:
+    """Chapter 06's comparisons that the scale study trained for twice the epochs as well (its numbers,
+    ``scale``): one line per bit-width where the difference was clear at the shorter length, with the
+    difference at both lengths, whether it held (clear at both, same sign) and whether both methods
+    are at a plateau at the longer length."""
+    found: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
+    for key, value in scale.items():
+        if m := _DOUBLED.match(key):
+            a, b, bits, epochs = m[1], m[2], int(m[3]), int(m[4])
+            found.setdefault((a, b, bits), {})[epochs] = (value, scale[f"verdict_{a}_vs_{b}_{bits}bit_se_pp_{epochs}"])
+    lines = []
+    for (a, b, bits), at in sorted(found.items(), key=lambda t: t[0][2]):
+        held = scale.get(f"verdict_{bits}bit_held")
+        if held is None or len(at) < 2:
+            continue
+        short, long = sorted(at)
+        flat = scale.get(f"verdict_at_plateau_{long}") == 1.0
+        lines.append(f"{a} − {b} at {bits} bits: {at[short][0]:+.2f} ± {at[short][1]:.2f} pp at {short} epochs, "
+                     f"{at[long][0]:+.2f} ± {at[long][1]:.2f} pp at {long}: "
+                     + ("held" if held == 1.0 else "did not hold")
+                     + (f", both methods at a plateau at {long}" if flat else
+                        f", the methods not both at a plateau at {long}"))
+    return lines
+
+
+def read_scale(results: str | Path) -> dict:
+    """The scale study's numbers from the store at ``results`` ({} before it is executed)."""
+    f = Path(results) / "chapters" / "00_scale.json"
+    return read_json(f) if f.is_file() else {}
+
+
+def _against_baseline(n: dict, names: list[str], bits: int) -> Finding | None:
+    """Whether the most accurate method at ``bits`` is ahead of the Any-Precision baseline by more than
+    twice the standard error, judged on the runs of that line of chapter 06."""
+    claim = f"a related method is clearly more accurate than the Any-Precision baseline at {bits} bits"
+    best = max(names, key=lambda m: n[f"{m}_acc_{bits}"])
+    at_plateau = _flag(n, f"best_{bits}bit_at_plateau")
+    if best == "any_precision":
+        return Finding("06_methods", claim, False,
+                       f"the baseline is the most accurate, {n[f'{best}_acc_{bits}']:.1f} %", at_plateau)
+    if f"{best}_vs_any_precision_{bits}bit_pp" not in n:
+        return None
+    d, se = n[f"{best}_vs_any_precision_{bits}bit_pp"], n[f"{best}_vs_any_precision_{bits}bit_se_pp"]
+    clear = se > 0 and d > 2 * se
+    return Finding("06_methods", claim, clear, f"the most accurate, {best}, − any_precision: {d:+.2f} ± {se:.2f} pp "
+                   "(s.e.), " + ("more than twice its standard error" if clear else "not twice its standard error"),
+                   at_plateau)
 
 
 CLAIMS: dict[str, Callable[[dict], list[Finding]]] = {
