@@ -20,8 +20,9 @@
    N-thread process.
 7. With ``--budget``: the time the runner takes to train every chapter's grid from an empty
    store with 2 workers, computed from the wall times the committed runs recorded (each run
-   counted once, however many chapters read it), and at the pace of each run's fastest tenth
-   of epochs, since many runs were trained beside more workers than cores. With
+   counted once, however many chapters read it), and at the pace of each run's faster epochs
+   (the quarter quantile of their durations), since many runs were trained beside more
+   workers than cores. With
    ``--budget-check N``: N committed runs retrained now beside each other, their times against
    both estimates.
 """
@@ -41,6 +42,7 @@ from emq.book.chapter import repo_root
 from emq.book.grids import (
     CHAPTER_GRIDS,
     grid_configs,
+    grid_of,
     grid_stages,
     paced_seconds,
     recorded_seconds,
@@ -257,11 +259,13 @@ def runner_throughput(profile: str, runs: int, layouts: tuple[tuple[int, int], .
 def print_budget(profile: str, jobs: int = 2) -> None:
     """Per chapter grid and for the book: runs, runs missing from the store, the training time of its
     runs (core-hours) and the runner's time with ``jobs`` one-thread workers, from the wall times the
-    runs recorded and at the pace of their fastest tenth of epochs (:func:`emq.book.grids.paced_seconds`)."""
+    runs recorded and at the pace of their faster epochs (:func:`emq.book.grids.paced_seconds`); and the
+    paced core-hours of each group of a grid."""
     store = ResultsStore(repo_root() / "results")
     every = {name: grid_configs(name, profile) for name in CHAPTER_GRIDS}
     print(f"training the chapters' grids at the {profile} profile from an empty store, {jobs} one-thread workers "
-          "(recorded: the runs' wall times; paced: at the pace of each run's fastest tenth of epochs):")
+          "(recorded: the runs' wall times; paced: at the pace of each run's faster epochs, "
+          "emq.book.grids.paced_seconds), and per group of a grid (a run two chapters share counts in each):")
 
     def line(label, configs):
         configs = list({c.hash(): c for c in configs}.values())
@@ -275,16 +279,24 @@ def print_budget(profile: str, jobs: int = 2) -> None:
 
     for name, configs in every.items():
         line(name, configs)
+        groups = grid_of(name, profile).groups
+        for group in groups if len(groups) > 1 else ():
+            runs = {cfg.hash(): cfg for _, stages in grid_stages(name, profile, group=group) for cfg in stages}
+            done = [c for c in runs.values() if store.is_finished(c)]
+            if runs:
+                paced = sum(paced_seconds(store.run(c)) for c in done) / 3600
+                print(f"    group {group:20} {len(runs):4d} runs  paced {paced:6.2f} core-h")
     line("every chapter but 00_scale", [c for name, cs in every.items() if name != "00_scale" for c in cs])
     line("every chapter", [c for cs in every.values() for c in cs])
 
 
-def budget_check(profile: str, runs: int = 4, jobs: int = 2) -> list[dict]:
+def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore | None = None) -> list[dict]:
     """Retrain ``runs`` committed runs of the chapters' grids into a temporary store with the runner
     (``jobs`` one-thread workers, nothing else to run beside them) and return, per run, the seconds it
     recorded, its paced estimate and the seconds it takes now. The runs: the cheapest of each kind
-    (method, trained bit-widths, epochs), cheapest kinds first, none fine-tuned from another."""
-    store = ResultsStore(repo_root() / "results")
+    (method, trained bit-widths, epochs), cheapest kinds first, none fine-tuned from another; from
+    ``store`` (default: the repository's)."""
+    store = store or ResultsStore(repo_root() / "results")
     method = {cfg.hash(): c.method for name in CHAPTER_GRIDS for c, stages in grid_stages(name, profile)
               for cfg in stages}
     configs = {c.hash(): c for name in CHAPTER_GRIDS for c in grid_configs(name, profile)

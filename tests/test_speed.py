@@ -102,6 +102,24 @@ def test_the_budget_gives_the_runners_time_for_every_chapter_grid_and_for_the_wh
 
     print_budget("cpu")
     lines = capsys.readouterr().out.splitlines()
-    named = {line.split()[0] for line in lines[1:]}
+    totals = [line for line in lines[1:] if not line.lstrip().startswith("group ")]
+    named = {line.split()[0] for line in totals}
     assert set(CHAPTER_GRIDS) <= named and lines[-1].lstrip().startswith("every chapter ")
-    assert all("(0 not in the store)" in line and "runner" in line for line in lines[1:])  # every run committed
+    # every run committed, and each total both from the recorded wall times and at the runs' faster pace
+    assert all("(0 not in the store)" in line and line.count("runner") == 2 for line in totals)
+    groups = {line.split()[1] for line in lines[1:] if line.lstrip().startswith("group ")}
+    assert {"doubling", "verdict", "per_bit", "shift_capped"} <= groups
+
+
+@needs_data
+def test_the_budget_check_retrains_a_committed_run_and_sets_its_time_now_beside_both_estimates(tmp_path):
+    from emq.bench import budget_check
+    from emq.book.grids import grid_configs, train_all
+    from emq.results import ResultsStore
+
+    store = ResultsStore(tmp_path)
+    cheapest = min(grid_configs("03_knowledge_transfer", "smoke"), key=lambda c: len(c.train.bits))
+    train_all([cheapest], store, jobs=1, echo=lambda line: None)
+    (row,) = budget_check("smoke", runs=3, jobs=1, store=store)  # the one run this store has
+    assert row["hash"] == cheapest.hash() and row["kind"].startswith("shared_meanvar, 1 bits")
+    assert row["now_s"] > 0 and 0 < row["paced_s"] <= row["recorded_s"]
