@@ -22,9 +22,8 @@
    store with 2 workers, computed from the wall times the committed runs recorded (each run
    counted once, however many chapters read it), and at the pace of each run's faster epochs
    (the quarter quantile of their durations), since many runs were trained beside more
-   workers than cores. With
-   ``--budget-check N``: N committed runs retrained now beside each other, their times against
-   both estimates.
+   workers than cores. With ``--budget-check N``: N committed runs retrained now beside each
+   other, their times against both estimates.
 """
 from __future__ import annotations
 
