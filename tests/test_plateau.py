@@ -254,3 +254,17 @@ def test_late_steps_are_the_moves_between_readings_near_the_end_and_set_the_chan
     assert chance_of_passing(0.0) == 1.0
     assert chance_of_passing(PLATEAU_PP) == pytest.approx(0.6827, abs=1e-4)  # within one standard deviation
     assert chance_of_passing(2.0) < chance_of_passing(1.0) < chance_of_passing(0.5)
+
+
+def test_a_comparison_at_a_low_bit_width_needs_its_methods_flat_there_as_well_as_at_the_highest():
+    # 32 bits flat in every seed, 2 bits still rising by 0.75 pp over the last quarter (epochs 9-12)
+    def run(seed):
+        return FakeRun([{"epoch": e, "test_acc": {"2": (70.0 + e / 4 + seed) / 100, "32": (80.0 + seed) / 100}}
+                        for e in range(1, 13)])
+
+    p = Plateau({"a": [run(0), run(1)], "b": [run(0), run(2)]})
+    assert p.at_plateau and p.methods["a"].bits == 32
+    low = p.at(2)
+    assert not low.at_plateau and low.methods["a"].bits == 2 and low.methods["a"].mean == pytest.approx(0.75)
+    assert not p.both(2) and p.both(32)
+    assert p.of("a").at(2).methods.keys() == {"a"}

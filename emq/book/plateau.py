@@ -141,23 +141,25 @@ class Gains:
         return format_mean_se(self.gains, digits=2)
 
 
-def method_gains(runs: Iterable) -> Gains:
-    """The last-quarter gains of a set of runs (one method over seeds)."""
+def method_gains(runs: Iterable, bits: int | None = None) -> Gains:
+    """The last-quarter gains of a set of runs (one method over seeds) at ``bits`` (default: the
+    highest trained bit-width)."""
     runs = list(runs)
     if not runs:
         raise ValueError("method_gains needs at least one run")
     rows = [r.metrics() for r in runs]
     curves = [_curve(r) for r in rows]
-    gains = tuple(last_quarter_gain(r) for r in rows)
-    return Gains(gains, max(max(c[max(c)]) for c in curves), max(max(c) for c in curves),
-                 tuple(last_quarter_swing(c) for c in curves))
+    gains = tuple(last_quarter_gain(r, bits) for r in rows)
+    read = bits if bits is not None else max(max(c[max(c)]) for c in curves)
+    return Gains(gains, read, max(max(c) for c in curves), tuple(last_quarter_swing(c, bits) for c in curves))
 
 
-def last_quarter_swing(curve: dict[int, dict[int, float]]) -> float:
-    """Highest minus lowest test accuracy (pp) at the highest bit-width over the epochs evaluated from
-    the start of the last quarter to the end: how much the accuracy moves there, trend or not."""
+def last_quarter_swing(curve: dict[int, dict[int, float]], bits: int | None = None) -> float:
+    """Highest minus lowest test accuracy (pp) at ``bits`` (default: the highest bit-width) over the
+    epochs evaluated from the start of the last quarter to the end: how much the accuracy moves there,
+    trend or not."""
     last = max(curve)
-    bits = max(curve[last])
+    bits = max(curve[last]) if bits is None else bits
     accs = [100.0 * acc[bits] for epoch, acc in curve.items() if epoch >= reference_epoch(last) and bits in acc]
     return max(accs) - min(accs)
 
@@ -219,11 +221,14 @@ def number_key(label: str) -> str:
 class Plateau:
     """The last-quarter gains of every method a chapter compares, and what they allow it to say.
 
-    ``groups`` maps a method's label to its runs (one per seed).
+    ``groups`` maps a method's label to its runs (one per seed); the gains are read at ``bits``
+    (default: each method's highest trained bit-width, the book's rule). A comparison at a lower
+    bit-width is judged at its own bit-width as well (:meth:`at`).
     """
 
-    def __init__(self, groups: Mapping[str, Iterable]):
-        self.methods = {label: method_gains(runs) for label, runs in groups.items()}
+    def __init__(self, groups: Mapping[str, Iterable], bits: int | None = None):
+        self.groups = {label: list(runs) for label, runs in groups.items()}
+        self.methods = {label: method_gains(runs, bits) for label, runs in self.groups.items()}
         if not self.methods:
             raise ValueError("Plateau needs at least one method")
 
@@ -235,7 +240,18 @@ class Plateau:
             raise KeyError(f"no runs of {', '.join(missing)}: the methods are {', '.join(self.methods)}")
         part = copy.copy(self)
         part.methods = {label: self.methods[label] for label in labels}
+        part.groups = {label: self.groups[label] for label in labels}
         return part
+
+    def at(self, bits: int) -> Plateau:
+        """The same methods' gains at ``bits``: a comparison at a bit-width below the highest is a verdict
+        only where its methods are flat there too, since a low bit-width can still rise while the highest
+        is flat (chapter 00's verdict check)."""
+        return Plateau(self.groups, bits)
+
+    def both(self, bits: int) -> bool:
+        """At a plateau at the highest bit-width (the book's rule) and at ``bits``."""
+        return self.at_plateau and self.at(bits).at_plateau
 
     @property
     def largest(self) -> float:
