@@ -266,5 +266,8 @@ def test_a_comparison_at_a_low_bit_width_needs_its_methods_flat_there_as_well_as
     assert p.at_plateau and p.methods["a"].bits == 32
     low = p.at(2)
     assert not low.at_plateau and low.methods["a"].bits == 2 and low.methods["a"].mean == pytest.approx(0.75)
-    assert not p.both(2) and p.both(32)
     assert p.of("a").at(2).methods.keys() == {"a"}
+    judged = p.over([2, 32])  # a comparison at 2 and 32 bits: 32 bits as before, 2 bits as methods of their own
+    assert judged.methods.keys() == {"a", "b", "a at 2 bits", "b at 2 bits"} and not judged.at_plateau
+    assert judged.bound == pytest.approx(low.bound) and judged.why().split(":")[0] in {"a at 2 bits", "b at 2 bits"}
+    assert p.over([32]).at_plateau and p.over([4]).methods.keys() == {"a", "b"}  # never tested at 4 bits

@@ -249,9 +249,20 @@ class Plateau:
         is flat (chapter 00's verdict check)."""
         return Plateau(self.groups, bits)
 
-    def both(self, bits: int) -> bool:
-        """At a plateau at the highest bit-width (the book's rule) and at ``bits``."""
-        return self.at_plateau and self.at(bits).at_plateau
+    def over(self, bits: Iterable[int]) -> Plateau:
+        """The rule for a comparison at ``bits``: these methods' gains as read so far (the highest bit-width)
+        and, for every one of ``bits`` below that a method was tested at, its gains there as a method of its
+        own (``"lsq at 2 bits"``), so that :attr:`at_plateau`, :attr:`bound`, :meth:`why` and :meth:`flags`
+        judge all of them."""
+        part = copy.copy(self)
+        part.methods = dict(self.methods)
+        for label, runs in self.groups.items():
+            curve = _curve(runs[0])
+            tested = set(curve[max(curve)])
+            for b in bits:
+                if b in tested and b != self.methods[label].bits:
+                    part.methods[f"{label} at {b} bits"] = method_gains(runs, b)
+        return part
 
     @property
     def largest(self) -> float:
