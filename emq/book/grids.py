@@ -397,7 +397,7 @@ def runner_seconds(configs: list[RunConfig], store: ResultsStore, jobs: int = 2,
                    seconds: Callable[[Run], float] = recorded_seconds) -> tuple[float, int]:
     """How long :func:`train_all` takes to train ``configs`` from an empty store with ``jobs`` workers,
     from each finished run's ``seconds`` (default: the wall time it recorded; :func:`paced_seconds`
-    for the time without other workers beside it): the runs in the runner's order (cheapest first),
+    for the pace of its faster epochs, a lower bound): the runs in the runner's order (cheapest first),
     each started on the first free worker, a fine-tuned run not before its source has finished.
     Also returns how many of ``configs`` the store lacks (not counted)."""
     done = sorted((c for c in configs if store.is_finished(c)), key=run_cost)
