@@ -115,11 +115,10 @@ def test_chapter_06s_verdict_is_doubled_on_its_own_runs_of_lsq_and_the_baseline(
     verdict = grids.grid_of("00_scale", "cpu").groups["verdict"]
     base = load_config(profile="cpu")
     run = {key: c.configs(base)[-1] for key, c in verdict.items()}
-    methods = {(c.method, c.overrides[0]) for c in grids.grid_of("06_methods", "cpu").cells("methods")}
-    chapter = {key: c.configs(grids.grid_of("06_methods", "cpu").base(base))[-1].hash()
-               for key, c in grids.grid_of("06_methods", "cpu").groups["methods"].items()}
+    methods = grids.grid_of("06_methods", "cpu")
+    chapter = {key: c.configs(methods.base(base))[-1].hash() for key, c in methods.groups["methods"].items()}
     short, long = grids.VERDICT_LENGTHS["cpu"]
-    assert short == grids.CPU_LONG_SCALE["train.epochs"] and long == 2 * short and methods
+    assert short == grids.CPU_LONG_SCALE["train.epochs"] and long == 2 * short
     named = {"switchable": "any_precision", "lsq": "lsq"}  # any_precision is switchable BN
     for (method, epochs, seed), cfg in run.items():
         if epochs == short:

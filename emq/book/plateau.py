@@ -223,7 +223,7 @@ class Plateau:
 
     ``groups`` maps a method's label to its runs (one per seed); the gains are read at ``bits``
     (default: each method's highest trained bit-width, the book's rule). A comparison at a lower
-    bit-width is judged at its own bit-width as well (:meth:`at`).
+    bit-width is judged at its own bit-width as well (:meth:`over`).
     """
 
     def __init__(self, groups: Mapping[str, Iterable], bits: int | None = None):
