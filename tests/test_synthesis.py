@@ -145,7 +145,7 @@ def test_chapter_06s_comparison_at_twice_the_epochs_says_whether_it_held():
              "verdict_2bit_held": 1.0, "verdict_at_plateau_192": 1.0}
     (line,) = doubled_verdicts(scale)  # 4 bits was not clear at 96 epochs: nothing to hold
     assert line == ("lsq − switchable at 2 bits: +1.33 ± 0.24 pp at 96 epochs, +0.90 ± 0.30 pp at 192: held, "
-                    "both methods at a plateau at 192")
+                    "both methods stopped learning at 192")
     (line,) = doubled_verdicts({**scale, "verdict_2bit_held": 0.0, "verdict_at_plateau_192": 0.0})
-    assert line.endswith("did not hold, the methods not both at a plateau at 192")
+    assert line.endswith("did not hold, the methods still learning at 192")
     assert doubled_verdicts({}) == []

@@ -189,7 +189,7 @@ def doubled_verdicts(scale: dict) -> list[str]:
     """Chapter 06's comparisons that the scale study trained for twice the epochs as well (its numbers,
     ``scale``): one line per bit-width where the difference was clear at the shorter length, with the
     difference at both lengths, whether it held (clear at both, same sign) and whether both methods
-    are at a plateau at the longer length."""
+    stopped learning at the longer length (flat at the highest and at the compared bit-width)."""
     found: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
     for key, value in scale.items():
         if m := _DOUBLED.match(key):
@@ -205,8 +205,8 @@ def doubled_verdicts(scale: dict) -> list[str]:
         lines.append(f"{a} − {b} at {bits} bits: {at[short][0]:+.2f} ± {at[short][1]:.2f} pp at {short} epochs, "
                      f"{at[long][0]:+.2f} ± {at[long][1]:.2f} pp at {long}: "
                      + ("held" if held == 1.0 else "did not hold")
-                     + (f", both methods at a plateau at {long}" if flat else
-                        f", the methods not both at a plateau at {long}"))
+                     + (f", both methods stopped learning at {long}" if flat else
+                        f", the methods still learning at {long}"))
     return lines
 
 
