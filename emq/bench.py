@@ -296,10 +296,12 @@ def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore
     (method, trained bit-widths, epochs), cheapest kinds first, none fine-tuned from another; from
     ``store`` (default: the repository's)."""
     store = store or ResultsStore(repo_root() / "results")
-    method = {cfg.hash(): c.method for name in CHAPTER_GRIDS for c, stages in grid_stages(name, profile)
-              for cfg in stages}
-    configs = {c.hash(): c for name in CHAPTER_GRIDS for c in grid_configs(name, profile)
-               if not c.train.init_from and store.is_finished(c)}
+    method, configs = {}, {}
+    for name in CHAPTER_GRIDS:
+        for c, stages in grid_stages(name, profile):
+            for cfg in stages:
+                if not cfg.train.init_from and store.is_finished(cfg):
+                    method[cfg.hash()], configs[cfg.hash()] = c.method, cfg
     kinds: dict[tuple, RunConfig] = {}
     for c in sorted(configs.values(), key=lambda c: paced_seconds(store.run(c))):
         kinds.setdefault((method[c.hash()], len(c.train.bits), c.train.epochs), c)
