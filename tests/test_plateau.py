@@ -9,8 +9,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from emq.analysis.stats import Difference
 from emq.book.plateau import (
     PLATEAU_PP,
+    Doubled,
     Plateau,
     chance_of_passing,
     collapses,
@@ -271,3 +273,21 @@ def test_a_comparison_at_a_low_bit_width_needs_its_methods_flat_there_as_well_as
     assert judged.methods.keys() == {"a", "b", "a at 2 bits", "b at 2 bits"} and not judged.at_plateau
     assert judged.bound == pytest.approx(low.bound) and judged.why().split(":")[0] in {"a at 2 bits", "b at 2 bits"}
     assert p.over([32]).at_plateau and p.over([4]).methods.keys() == {"a", "b"}  # never tested at 4 bits
+
+
+def test_a_comparison_still_learning_at_its_bit_width_is_a_verdict_when_it_reads_the_same_at_twice_the_epochs():
+    ahead, less, none = Difference(1.33, 0.24, 3, 3), Difference(0.55, 0.31, 3, 3), Difference(-0.37, 0.25, 3, 3)
+    changed = Doubled(ahead, less, flat=True)  # clearly ahead at 96 epochs, no clear difference at 192
+    assert not changed.held and not changed.is_verdict
+    assert changed.describe((96, 192)) == ("+1.33 ± 0.24 pp (ahead) at 96 epochs, "
+                                           "+0.55 ± 0.31 pp (no clear difference) at 192: changed")
+    neither = Doubled(none, less, flat=True)  # no clear difference at either length: that held
+    assert neither.held and neither.is_verdict
+    assert Doubled(ahead, Difference(2.0, 0.5, 3, 3), flat=True).is_verdict  # the same method clearly ahead
+    assert not Doubled(ahead, Difference(-2.0, 0.5, 3, 3), flat=True).held  # the other one
+    assert not Doubled(none, less, flat=False).is_verdict  # a method still learning at its highest bit-width
+    # under the match test (within 1 pp at both lengths) the same numbers read otherwise
+    assert not Doubled(ahead, less, flat=True, test="match").held
+    assert Doubled(less, none, flat=True, test="match").is_verdict
+    with pytest.raises(ValueError, match="unknown test"):
+        ahead.reading("bigger")

@@ -89,6 +89,16 @@ class Difference:
     def matches(self) -> bool:
         return abs(self.diff_pp) <= MATCH_MARGIN_PP
 
+    def reading(self, test: str = "order") -> str:
+        """What the difference says under a chapter's test. ``"order"``: ``"ahead"`` or ``"behind"`` where it
+        is clear (``a`` against ``b``), else ``"no clear difference"``; ``"match"``: ``"matches"`` (within
+        :data:`MATCH_MARGIN_PP`) or ``"does not match"``."""
+        if test == "order":
+            return ("ahead" if self.diff_pp > 0 else "behind") if self.clear else "no clear difference"
+        if test == "match":
+            return "matches" if self.matches else "does not match"
+        raise ValueError(f"unknown test {test!r}: use order or match")
+
     def describe(self) -> str:
         """E.g. ``-3.10 ± 0.80 pp (s.e.)``, or ``-3.10 pp (1 seed)`` where a side has one seed
         (no standard error can be estimated then)."""

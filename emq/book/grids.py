@@ -84,6 +84,9 @@ DOUBLING = {"smoke": ({"data.train_size": 256, "data.test_size": 256}, (1, 2)),
 # methods at chapter 06's length and at twice it (group "verdict", keyed by method, epochs and seed).
 VERDICT_METHODS = ("switchable", "lsq")
 VERDICT_LENGTHS = {"smoke": (2, 4), "cpu": (96, 192)}
+# Chapter 02's claims doubled the same way: its shared BN + mean+var network against switchable BN (group
+# "bn_verdict"; the switchable runs are the verdict group's).
+BN_VERDICT_METHODS = ("switchable", "shared_meanvar")
 
 
 def scale_grid(profile: str) -> Grid:
@@ -119,7 +122,10 @@ def scale_grid(profile: str) -> Grid:
                  for s in DOUBLING_SEEDS[profile] for e in lengths}
     verdict = {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
                for s in DOUBLING_SEEDS[profile] for m in VERDICT_METHODS for e in VERDICT_LENGTHS[profile]}
-    return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling, "verdict": verdict})
+    bn_verdict = {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
+                  for s in DOUBLING_SEEDS[profile] for m in BN_VERDICT_METHODS for e in VERDICT_LENGTHS[profile]}
+    return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling, "verdict": verdict,
+                 "bn_verdict": bn_verdict})
 
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------

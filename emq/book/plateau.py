@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from emq.analysis.stats import format_mean_se
+from emq.analysis.stats import Difference, format_mean_se
 from emq.book.plots import show_table
 from emq.training.loop import reference_epoch
 
@@ -211,6 +211,41 @@ def collapses(run_or_rows, chance: float, margin: float = 10.0) -> list[Collapse
             fell = next(e for e in after if accs[e] <= chance + margin)
             out.append(Collapse(bits, accs[best_epoch], best_epoch, last, fell, max(e for e in accs if e < fell)))
     return out
+
+
+@dataclass(frozen=True)
+class Doubled:
+    """A comparison ``a - b`` at one bit-width, trained at some length and at twice it (the scale study's
+    verdict checks), judged by the book's doubling rule: at a bit-width where its methods are still learning
+    by the last-quarter gain, a comparison is a verdict when its methods are at a plateau at their highest
+    bit-width at both lengths and it reads the same at both under the chapter's own test
+    (:meth:`emq.analysis.stats.Difference.reading`: the same method clearly ahead, or no clear difference at
+    either; within the match margin at both, or outside it at both). The verdict is the longer length's.
+
+    Under a cosine schedule a low bit-width gains most as the learning rate falls, so its last-quarter gain
+    need not shrink with longer training; whether a comparison changes when the training is doubled is what
+    "a verdict that longer training could change" asks directly."""
+
+    short: Difference
+    long: Difference
+    flat: bool  # every method of the comparison at a plateau at its highest bit-width, at both lengths
+    test: str = "order"
+
+    @property
+    def held(self) -> bool:
+        """The comparison reads the same at both lengths."""
+        return self.short.reading(self.test) == self.long.reading(self.test)
+
+    @property
+    def is_verdict(self) -> bool:
+        return self.flat and self.held
+
+    def describe(self, lengths: tuple[int, int]) -> str:
+        """``"+1.33 ± 0.24 pp (ahead) at 96 epochs, +0.55 ± 0.31 pp (no clear difference) at 192: changed"``."""
+        (s, lo), (e_s, e_lo) = (self.short, self.long), lengths
+        return (f"{s.diff_pp:+.2f} ± {s.se_pp:.2f} pp ({s.reading(self.test)}) at {e_s} epochs, "
+                f"{lo.diff_pp:+.2f} ± {lo.se_pp:.2f} pp ({lo.reading(self.test)}) at {e_lo}: "
+                + ("held" if self.held else "changed"))
 
 
 def number_key(label: str) -> str:
