@@ -127,6 +127,18 @@ def test_chapter_06s_verdict_is_doubled_on_its_own_runs_of_lsq_and_the_baseline(
             assert cfg.with_overrides({"train.epochs": short}).hash() == chapter[named[method], seed]
 
 
+def test_chapter_02s_second_claim_is_doubled_on_its_own_runs_of_mean_var_correction_and_switchable_bn():
+    doubled = grids.grid_of("00_scale", "cpu").groups["bn_verdict"]
+    base = load_config(profile="cpu")
+    claims = grids.grid_of("02_shared_bn", "cpu")
+    chapter = {key: c.configs(claims.base(base))[-1].hash() for key, c in claims.groups["methods"].items()}
+    short, long = grids.VERDICT_LENGTHS["cpu"]
+    for (method, epochs, seed), c in doubled.items():
+        cfg = c.configs(base)[-1]
+        assert method in ("switchable", "shared_meanvar") and epochs in (short, long)
+        assert cfg.with_overrides({"train.epochs": short}).hash() == chapter[method, seed]
+
+
 @needs_data
 def test_the_runner_trains_the_missing_runs_on_two_processes_then_nothing(tmp_path, monkeypatch):
     # a grid registered for this test only (undone after it)

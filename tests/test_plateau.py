@@ -279,8 +279,8 @@ def test_a_comparison_still_learning_at_its_bit_width_is_a_verdict_when_it_reads
     ahead, less, none = Difference(1.33, 0.24, 3, 3), Difference(0.55, 0.31, 3, 3), Difference(-0.37, 0.25, 3, 3)
     changed = Doubled(ahead, less, flat=True)  # clearly ahead at 96 epochs, no clear difference at 192
     assert not changed.held and not changed.is_verdict
-    assert changed.describe((96, 192)) == ("+1.33 ± 0.24 pp (ahead) at 96 epochs, "
-                                           "+0.55 ± 0.31 pp (no clear difference) at 192: changed")
+    assert changed.describe((96, 192)) == ("at 96 epochs +1.33 ± 0.24 pp (s.e.), ahead; "
+                                           "at 192 +0.55 ± 0.31 pp (s.e.), no clear difference: changed")
     neither = Doubled(none, less, flat=True)  # no clear difference at either length: that held
     assert neither.held and neither.is_verdict
     assert Doubled(ahead, Difference(2.0, 0.5, 3, 3), flat=True).is_verdict  # the same method clearly ahead

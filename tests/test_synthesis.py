@@ -137,15 +137,23 @@ def test_a_related_method_beats_the_baseline_only_by_more_than_twice_its_standar
     assert baseline.supported is False and "the baseline is the most accurate" in baseline.evidence
 
 
-def test_chapter_06s_comparison_at_twice_the_epochs_says_whether_it_held():
+def test_a_comparison_at_twice_the_epochs_is_a_verdict_where_the_scale_study_says_it_read_the_same():
     scale = {"verdict_lsq_vs_switchable_2bit_pp_96": 1.33, "verdict_lsq_vs_switchable_2bit_se_pp_96": 0.24,
-             "verdict_lsq_vs_switchable_2bit_pp_192": 0.9, "verdict_lsq_vs_switchable_2bit_se_pp_192": 0.3,
-             "verdict_lsq_vs_switchable_4bit_pp_96": -0.85, "verdict_lsq_vs_switchable_4bit_se_pp_96": 0.52,
-             "verdict_lsq_vs_switchable_4bit_pp_192": -0.2, "verdict_lsq_vs_switchable_4bit_se_pp_192": 0.5,
-             "verdict_2bit_held": 1.0, "verdict_at_plateau_192": 1.0}
-    (line,) = doubled_verdicts(scale)  # 4 bits was not clear at 96 epochs: nothing to hold
-    assert line == ("lsq − switchable at 2 bits: +1.33 ± 0.24 pp at 96 epochs, +0.90 ± 0.30 pp at 192: held, "
-                    "both methods stopped learning at 192")
-    (line,) = doubled_verdicts({**scale, "verdict_2bit_held": 0.0, "verdict_at_plateau_192": 0.0})
-    assert line.endswith("did not hold, the methods still learning at 192")
+             "verdict_lsq_vs_switchable_2bit_pp_192": 0.55, "verdict_lsq_vs_switchable_2bit_se_pp_192": 0.31,
+             "verdict_2bit_held": 0.0, "verdict_2bit_doubled_verdict": 0.0,
+             "bn_verdict_shared_meanvar_vs_switchable_8bit_pp_96": -0.4,
+             "bn_verdict_shared_meanvar_vs_switchable_8bit_se_pp_96": 0.3,
+             "bn_verdict_shared_meanvar_vs_switchable_8bit_pp_192": -0.2,
+             "bn_verdict_shared_meanvar_vs_switchable_8bit_se_pp_192": 0.2,
+             "bn_verdict_8bit_held": 1.0, "bn_verdict_8bit_doubled_verdict": 1.0,
+             "verdict_lsq_vs_switchable_4bit_pp_96": -0.85,  # one length only: nothing to compare
+             "verdict_lsq_vs_switchable_4bit_se_pp_96": 0.52}
+    chapter_02, chapter_06 = doubled_verdicts(scale)  # chapter 02's comparison first
+    assert chapter_02 == ("shared_meanvar − switchable at 8 bits: -0.40 ± 0.30 pp at 96 epochs, -0.20 ± 0.20 pp at "
+                          "192: read the same at both, a verdict")
+    assert chapter_06 == ("lsq − switchable at 2 bits: +1.33 ± 0.24 pp at 96 epochs, +0.55 ± 0.31 pp at 192: "
+                          "changed, not a verdict")
+    (_, line) = doubled_verdicts({**scale, "verdict_2bit_held": 1.0})
+    assert line.endswith("read the same at both (not a verdict: a method still learning at its highest bit-width)")
+    assert doubled_verdicts(scale, "bn_verdict") == [chapter_02]  # one chapter's comparison
     assert doubled_verdicts({}) == []

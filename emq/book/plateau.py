@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from emq.analysis.stats import Difference, format_mean_se
+from emq.analysis.stats import Difference, difference, format_mean_se, select
 from emq.book.plots import show_table
 from emq.training.loop import reference_epoch
 
@@ -241,11 +241,29 @@ class Doubled:
         return self.flat and self.held
 
     def describe(self, lengths: tuple[int, int]) -> str:
-        """``"+1.33 ± 0.24 pp (ahead) at 96 epochs, +0.55 ± 0.31 pp (no clear difference) at 192: changed"``."""
+        """``"at 96 epochs +1.33 ± 0.24 pp (s.e.), ahead; at 192 +0.55 ± 0.31 pp (s.e.), no clear difference:
+        changed"``."""
         (s, lo), (e_s, e_lo) = (self.short, self.long), lengths
-        return (f"{s.diff_pp:+.2f} ± {s.se_pp:.2f} pp ({s.reading(self.test)}) at {e_s} epochs, "
-                f"{lo.diff_pp:+.2f} ± {lo.se_pp:.2f} pp ({lo.reading(self.test)}) at {e_lo}: "
-                + ("held" if self.held else "changed"))
+        return (f"at {e_s} epochs {s.describe()}, {s.reading(self.test)}; at {e_lo} {lo.describe()}, "
+                f"{lo.reading(self.test)}: " + ("held" if self.held else "changed"))
+
+
+def doubling_check(runs: Mapping[tuple[str, int, int], object], acc: pd.DataFrame, methods: tuple[str, str],
+                   lengths: tuple[int, int], test: str = "order") -> dict[int, Doubled]:
+    """A comparison ``a - b`` (``methods``) at two lengths, per bit-width, by the doubling rule (:class:`Doubled`).
+
+    ``runs`` maps ``(method, epochs, seed)`` to a run, ``acc`` holds their test accuracies (fractions) in
+    columns ``method``, ``epochs``, ``seed``, ``bits``, ``acc``; each side of a difference is the
+    method's seeds at that length, in the order of ``acc``."""
+    a, b = methods
+    flat = all(Plateau({m: [r for (m_, e_, _), r in runs.items() if (m_, e_) == (m, e)] for m in methods}).at_plateau
+               for e in lengths)
+    out = {}
+    for bits in sorted(acc.bits.unique()):
+        d = [difference(select(acc, method=a, epochs=e, bits=bits), select(acc, method=b, epochs=e, bits=bits))
+             for e in lengths]
+        out[int(bits)] = Doubled(d[0], d[1], flat, test)
+    return out
 
 
 def number_key(label: str) -> str:

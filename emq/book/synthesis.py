@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from emq.analysis.stats import format_value
 from emq.book.grids import CHAPTER_GRIDS, grid_configs, grid_of
 from emq.config import load_config
 from emq.results import read_json
@@ -182,32 +183,38 @@ def _methods(n: dict) -> list[Finding]:
 
 
 _BEST = re.compile(r"^best_(\d+)bit_at_plateau$")
-_DOUBLED = re.compile(r"^verdict_(.+)_vs_(.+)_(\d+)bit_pp_(\d+)$")
+_DOUBLED = re.compile(r"^(\w*verdict)_(.+)_vs_(.+)_(\d+)bit_pp_(\d+)$")
 
 
-def doubled_verdicts(scale: dict) -> list[str]:
-    """Chapter 06's comparisons that the scale study trained for twice the epochs as well (its numbers,
-    ``scale``): one line per bit-width where the difference was clear at the shorter length, with the
-    difference at both lengths, whether it held (clear at both, same sign) and whether both methods
-    stopped learning at the longer length (flat at the highest and at the compared bit-width)."""
-    found: dict[tuple[str, str, int], dict[int, tuple[float, float]]] = {}
+def doubled_verdicts(scale: dict, group: str | None = None) -> list[str]:
+    """The chapters' comparisons that the scale study trained for twice the epochs as well (its numbers,
+    ``scale``; one of its grid's ``group`` only: ``"verdict"``, chapter 06's; ``"bn_verdict"``, chapter
+    02's), judged by the doubling rule (:class:`emq.book.plateau.Doubled`): one line per comparison and
+    bit-width, with the difference at both lengths, whether it read the same at both under its chapter's
+    test, and whether that makes it a verdict."""
+    found: dict[tuple[str, str, str, int], dict[int, tuple[float, float]]] = {}
     for key, value in scale.items():
-        if m := _DOUBLED.match(key):
-            a, b, bits, epochs = m[1], m[2], int(m[3]), int(m[4])
-            found.setdefault((a, b, bits), {})[epochs] = (value, scale[f"verdict_{a}_vs_{b}_{bits}bit_se_pp_{epochs}"])
+        if (m := _DOUBLED.match(key)) and group in (None, m[1]):
+            g, a, b, bits, epochs = m[1], m[2], m[3], int(m[4]), int(m[5])
+            se = scale[f"{g}_{a}_vs_{b}_{bits}bit_se_pp_{epochs}"]
+            found.setdefault((g, a, b, bits), {})[epochs] = (value, se)
     lines = []
-    for (a, b, bits), at in sorted(found.items(), key=lambda t: t[0][2]):
-        held = scale.get(f"verdict_{bits}bit_held")
-        if held is None or len(at) < 2:
+    for (g, a, b, bits), at in sorted(found.items(), key=lambda t: (t[0][0] != "bn_verdict", t[0][3])):
+        held, verdict = scale.get(f"{g}_{bits}bit_held"), scale.get(f"{g}_{bits}bit_doubled_verdict")
+        if held is None or verdict is None or len(at) < 2:
             continue
         short, long = sorted(at)
-        flat = scale.get(f"verdict_at_plateau_{long}") == 1.0
-        lines.append(f"{a} − {b} at {bits} bits: {at[short][0]:+.2f} ± {at[short][1]:.2f} pp at {short} epochs, "
-                     f"{at[long][0]:+.2f} ± {at[long][1]:.2f} pp at {long}: "
-                     + ("held" if held == 1.0 else "did not hold")
-                     + (f", both methods stopped learning at {long}" if flat else
-                        f", the methods still learning at {long}"))
+        lines.append(f"{a} − {b} at {bits} bits: {_pm(*at[short])} at {short} epochs, {_pm(*at[long])} at {long}: "
+                     + ("read the same at both" if held == 1.0 else "changed")
+                     + (", a verdict" if verdict == 1.0 else
+                        " (not a verdict: a method still learning at its highest bit-width)" if held == 1.0 else
+                        ", not a verdict"))
     return lines
+
+
+def _pm(diff: float, se: float) -> str:
+    """``+1.33 ± 0.24 pp``; a standard error of 0 is a single seed on a side (:func:`emq.analysis.stats.difference`)."""
+    return format_value(diff, se, 1 if se == 0 else 2, digits=2, sign=True, unit=" pp")
 
 
 def read_scale(results: str | Path) -> dict:
