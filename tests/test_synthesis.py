@@ -149,11 +149,11 @@ def test_a_comparison_at_twice_the_epochs_is_a_verdict_where_the_scale_study_say
              "verdict_lsq_vs_switchable_4bit_pp_96": -0.85,  # one length only: nothing to compare
              "verdict_lsq_vs_switchable_4bit_se_pp_96": 0.52}
     chapter_02, chapter_06 = doubled_verdicts(scale)  # chapter 02's comparison first
-    assert chapter_02 == ("shared_meanvar − switchable at 8 bits: -0.40 ± 0.30 pp at 96 epochs, -0.20 ± 0.20 pp at "
-                          "192: read the same at both, a verdict")
-    assert chapter_06 == ("lsq − switchable at 2 bits: +1.33 ± 0.24 pp at 96 epochs, +0.55 ± 0.31 pp at 192: "
-                          "changed, not a verdict")
+    assert chapter_02 == ("shared_meanvar − switchable at 8 bits: -0.40 ± 0.30 pp (s.e.) at 96 epochs, -0.20 ± 0.20 "
+                          "pp (s.e.) at 192: matches at both, a verdict")  # chapter 02's test: a match within one point
+    assert chapter_06 == ("lsq − switchable at 2 bits: +1.33 ± 0.24 pp (s.e.) at 96 epochs, +0.55 ± 0.31 pp (s.e.) "
+                          "at 192: ahead, then no clear difference: changed, not a verdict")  # chapter 06: which leads
     (_, line) = doubled_verdicts({**scale, "verdict_2bit_held": 1.0})
-    assert line.endswith("read the same at both (not a verdict: a method still learning at its highest bit-width)")
+    assert line.endswith("at both (not a verdict: a method still learning at its highest bit-width)")
     assert doubled_verdicts(scale, "bn_verdict") == [chapter_02]  # one chapter's comparison
     assert doubled_verdicts({}) == []

@@ -87,6 +87,9 @@ VERDICT_LENGTHS = {"smoke": (2, 4), "cpu": (96, 192)}
 # Chapter 02's claims doubled the same way: its shared BN + mean+var network against switchable BN (group
 # "bn_verdict"; the switchable runs are the verdict group's).
 BN_VERDICT_METHODS = ("switchable", "shared_meanvar")
+# The test each check reads its comparison by, its chapter's (emq.analysis.stats.Difference.reading): chapter 06
+# asks which method is clearly ahead, chapter 02's second claim whether the two match within one point.
+VERDICT_TESTS = {"verdict": "order", "bn_verdict": "match"}
 
 
 def scale_grid(profile: str) -> Grid:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from emq.analysis.stats import format_value
-from emq.book.grids import CHAPTER_GRIDS, grid_configs, grid_of
+from emq.analysis.stats import Difference
+from emq.book.grids import CHAPTER_GRIDS, VERDICT_TESTS, grid_configs, grid_of
 from emq.config import load_config
 from emq.results import read_json
 
@@ -204,17 +204,21 @@ def doubled_verdicts(scale: dict, group: str | None = None) -> list[str]:
         if held is None or verdict is None or len(at) < 2:
             continue
         short, long = sorted(at)
-        lines.append(f"{a} − {b} at {bits} bits: {_pm(*at[short])} at {short} epochs, {_pm(*at[long])} at {long}: "
-                     + ("read the same at both" if held == 1.0 else "changed")
+        d = [_difference(*at[short]), _difference(*at[long])]
+        read = [x.reading(VERDICT_TESTS[g]) for x in d]
+        lines.append(f"{a} − {b} at {bits} bits: {d[0].describe()} at {short} epochs, {d[1].describe()} at {long}: "
+                     + (f"{read[1]} at both" if held == 1.0 else f"{read[0]}, then {read[1]}")
                      + (", a verdict" if verdict == 1.0 else
                         " (not a verdict: a method still learning at its highest bit-width)" if held == 1.0 else
-                        ", not a verdict"))
+                        ": changed, not a verdict"))
     return lines
 
 
-def _pm(diff: float, se: float) -> str:
-    """``+1.33 ± 0.24 pp``; a standard error of 0 is a single seed on a side (:func:`emq.analysis.stats.difference`)."""
-    return format_value(diff, se, 1 if se == 0 else 2, digits=2, sign=True, unit=" pp")
+def _difference(diff_pp: float, se_pp: float) -> Difference:
+    """A recorded difference and its standard error; a standard error of 0 is one seed on a side
+    (:func:`emq.analysis.stats.difference`)."""
+    n = 1 if se_pp == 0 else 2
+    return Difference(diff_pp, se_pp, n, n)
 
 
 def read_scale(results: str | Path) -> dict:
