@@ -90,6 +90,10 @@ BN_VERDICT_METHODS = ("switchable", "shared_meanvar")
 # The test each check reads its comparison by, its chapter's (emq.analysis.stats.Difference.reading): chapter 06
 # asks which method is clearly ahead, chapter 02's second claim whether the two match within one point.
 VERDICT_TESTS = {"verdict": "order", "bn_verdict": "match"}
+# A cheaper scale for the chapters: half chapter 02's training images at its length (group "half", keyed by method,
+# training-set size and seed; the full-size runs are chapter 02's): are its methods flat there too, and does its
+# comparison read the same?
+HALF_SIZES = {"smoke": (128, 256), "cpu": (1229, 2458)}
 
 
 def scale_grid(profile: str) -> Grid:
@@ -127,8 +131,11 @@ def scale_grid(profile: str) -> Grid:
                for s in DOUBLING_SEEDS[profile] for m in VERDICT_METHODS for e in VERDICT_LENGTHS[profile]}
     bn_verdict = {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
                   for s in DOUBLING_SEEDS[profile] for m in BN_VERDICT_METHODS for e in VERDICT_LENGTHS[profile]}
+    short = VERDICT_LENGTHS[profile][0]
+    half = {(m, n, s): cell(m, **{**same, "data_train_size": n}, train_seed=s, train_epochs=short)
+            for s in DOUBLING_SEEDS[profile] for m in BN_VERDICT_METHODS for n in HALF_SIZES[profile]}
     return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling, "verdict": verdict,
-                 "bn_verdict": bn_verdict})
+                 "bn_verdict": bn_verdict, "half": half})
 
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------
