@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 from emq.analysis.stats import Difference
@@ -16,6 +17,7 @@ from emq.book.plateau import (
     Plateau,
     chance_of_passing,
     collapses,
+    doubling_check,
     last_quarter_gain,
     late_steps,
     method_gains,
@@ -291,3 +293,19 @@ def test_a_comparison_still_learning_at_its_bit_width_is_a_verdict_when_it_reads
     assert Doubled(less, none, flat=True, test="match").is_verdict
     with pytest.raises(ValueError, match="unknown test"):
         ahead.reading("bigger")
+
+
+def test_the_doubling_check_compares_the_seeds_of_each_length_and_needs_both_lengths_flat_at_the_highest_bit_width():
+    def run(rise):  # 32-bit accuracy 80 % rising by ``rise`` pp per epoch over 12 epochs
+        return FakeRun([{"epoch": e, "test_acc": {"32": (80.0 + rise * e) / 100}} for e in range(1, 13)])
+
+    # at 2 bits a is 2 pp ahead of b at both lengths, seed for seed
+    two_bit = {("a", 12): (0.80, 0.81), ("b", 12): (0.78, 0.79), ("a", 24): (0.82, 0.83), ("b", 24): (0.80, 0.81)}
+    acc = pd.DataFrame([{"method": m, "epochs": e, "seed": s, "bits": 2, "acc": a}
+                        for (m, e), accs in two_bit.items() for s, a in enumerate(accs)])
+    flat = {(m, e, s): run(0.0) for m in "ab" for e in (12, 24) for s in (0, 1)}
+    (bits, d), = doubling_check(flat, acc, ("a", "b"), (12, 24)).items()
+    assert bits == 2 and d.short.diff_pp == pytest.approx(2.0) and d.long.diff_pp == pytest.approx(2.0)
+    assert d.held and d.is_verdict and d.long.reading() == "ahead"
+    rising = {**flat, ("b", 24, 0): run(0.2), ("b", 24, 1): run(0.2)}  # b still learning at 32 bits when doubled
+    assert not doubling_check(rising, acc, ("a", "b"), (12, 24))[2].is_verdict

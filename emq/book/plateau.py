@@ -27,6 +27,12 @@ closely enough for their mean to be read at 0.5 pp. A comparison of methods is a
 plateau" only when every method in it is; otherwise the networks are still learning, and the
 comparison says what these runs show, not which method is better.
 
+A comparison at a bit-width where its methods still rise (a low one, whose accuracy under a cosine
+schedule gains most as the learning rate falls, however long the schedule) can be a verdict by the
+*doubling rule* instead (:class:`Doubled`, :func:`doubling_check`): trained at twice the epochs as
+well, its methods flat at the highest bit-width at both lengths, it reads the same at both under its
+chapter's test.
+
 Why a line and a mean over seeds, rather than one reading at each end of every run: near the end of
 training one zero-shot reading of a shared-BN network differs from the next by 0.5-1.9 pp (sd; the
 scale study's "how fine the rule can see"), so the first rule could not pass three flat seeds. The
