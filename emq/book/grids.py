@@ -127,15 +127,15 @@ def scale_grid(profile: str) -> Grid:
                                              coreset_score="random", coreset_mode="static",
                                              coreset_warmup_epochs=e // 12)
                  for s in DOUBLING_SEEDS[profile] for e in lengths}
-    verdict = {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
-               for s in DOUBLING_SEEDS[profile] for m in VERDICT_METHODS for e in VERDICT_LENGTHS[profile]}
-    bn_verdict = {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
-                  for s in DOUBLING_SEEDS[profile] for m in BN_VERDICT_METHODS for e in VERDICT_LENGTHS[profile]}
+    def checked(methods: tuple[str, ...]) -> dict:  # a verdict check: methods at a chapter's length and at twice it
+        return {(m, e, s): cell(m, **same, train_seed=s, train_epochs=e)
+                for s in DOUBLING_SEEDS[profile] for m in methods for e in VERDICT_LENGTHS[profile]}
+
     short = VERDICT_LENGTHS[profile][0]
     half = {(m, n, s): cell(m, **{**same, "data_train_size": n}, train_seed=s, train_epochs=short)
             for s in DOUBLING_SEEDS[profile] for m in BN_VERDICT_METHODS for n in HALF_SIZES[profile]}
-    return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling, "verdict": verdict,
-                 "bn_verdict": bn_verdict, "half": half})
+    return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling, "verdict": checked(VERDICT_METHODS),
+                 "bn_verdict": checked(BN_VERDICT_METHODS), "half": half})
 
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------

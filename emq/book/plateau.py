@@ -254,6 +254,12 @@ class Doubled:
                 f"{lo.reading(self.test)}: " + ("held" if self.held else "changed"))
 
 
+def runs_at(runs: Mapping[tuple, object], *key) -> list:
+    """The runs of ``runs`` (keyed ``(method, length, seed)``, say) whose key starts with ``key``: one method's
+    seeds at one length."""
+    return [run for k, run in runs.items() if k[:len(key)] == key]
+
+
 def doubling_check(runs: Mapping[tuple[str, int, int], object], acc: pd.DataFrame, methods: tuple[str, str],
                    lengths: tuple[int, int], test: str = "order") -> dict[int, Doubled]:
     """A comparison ``a - b`` (``methods``) at two lengths, per bit-width, by the doubling rule (:class:`Doubled`).
@@ -262,8 +268,7 @@ def doubling_check(runs: Mapping[tuple[str, int, int], object], acc: pd.DataFram
     columns ``method``, ``epochs``, ``seed``, ``bits``, ``acc``; each side of a difference is the
     method's seeds at that length, in the order of ``acc``."""
     a, b = methods
-    flat = all(Plateau({m: [r for (m_, e_, _), r in runs.items() if (m_, e_) == (m, e)] for m in methods}).at_plateau
-               for e in lengths)
+    flat = all(Plateau({m: runs_at(runs, m, e) for m in methods}).at_plateau for e in lengths)
     out = {}
     for bits in sorted(acc.bits.unique()):
         d = [difference(select(acc, method=a, epochs=e, bits=bits), select(acc, method=b, epochs=e, bits=bits))
