@@ -74,7 +74,7 @@ gpu-evidence:
 	"$(GPU_PY)" -m emq grid gpu_evidence --profile gpu --device $(if $(DRY_RUN),cpu,cuda) --jobs 6 --threads 2 $(if $(DRY_RUN),--dry-run)
 
 bench: venv data
-	$(PY) -m emq.bench --coreset --speed-options --runner --budget --no-book
+	$(PY) -m emq.bench --coreset --speed-options --activation --runner --budget --no-book
 
 clean:
 	rm -rf book/_build _build

@@ -24,16 +24,20 @@
    (the quarter quantile of their durations), since many runs were trained beside more
    workers than cores. With ``--budget-check N``: N committed runs retrained now beside each
    other, their times against both estimates.
+8. With ``--activation``: one multi-bit step with the fused activation quantizer the package runs
+   against the same step with its autograd reference, interleaved on one batch.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -51,7 +55,10 @@ from emq.book.grids import (
 from emq.config import ModelConfig, QuantConfig, RunConfig, load_config
 from emq.data.load import load_data
 from emq.methods import method_config
+from emq.nn import layers
 from emq.nn.models import build_model, make_model
+from emq.quant import schemes
+from emq.quant.quantizers import activation_reference
 from emq.results import ResultsStore
 from emq.training.coresets import cost_ratio, total_passes, training_time
 from emq.training.distributed import resolve_device
@@ -73,14 +80,20 @@ def timed_step(model, opt, batch: dict, dev: torch.device, distill: str = "recur
     return time.perf_counter() - t0
 
 
-def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
-    """Median seconds of a multi-bit and a full-precision step of the profile's model."""
+def _first_batch(profile: str, method: str, device: str):
+    """The method's config at the profile, the device, the data and one shuffled training batch."""
     cfg = method_config(method, load_config(profile=profile, overrides={"data.root": str(repo_root() / "data")}))
     dev = resolve_device(device)
     data = load_data(cfg.data)
+    x, y, _ = next(data.train.batches(cfg.train.batch_size, shuffle=True, device=dev))
+    return cfg, dev, data, x, y
+
+
+def step_times(profile: str, method: str, repeats: int, device: str) -> dict:
+    """Median seconds of a multi-bit and a full-precision step of the profile's model."""
+    cfg, dev, data, x, y = _first_batch(profile, method, device)
     model = build_model(cfg, data, dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y, _ = next(data.train.batches(cfg.train.batch_size, shuffle=True, device=dev))
     bits = cfg.train.bits
 
     def one(b):
@@ -216,10 +229,7 @@ def speed_option_times(profile: str, method: str, repeats: int, device: str) -> 
     (fp32: bf16's 8-bit significand is as coarse as an 8-bit grid), on one batch; each repeat steps
     every variant once, in turn, so that all see the same machine state. The compiled variants'
     first steps (one graph per bit-width) are warm-up and are not timed."""
-    cfg = method_config(method, load_config(profile=profile, overrides={"data.root": str(repo_root() / "data")}))
-    dev = resolve_device(device)
-    data = load_data(cfg.data)
-    x0, y, _ = next(data.train.batches(cfg.train.batch_size, shuffle=True, device=dev))
+    cfg, dev, data, x0, y = _first_batch(profile, method, device)
     torch._dynamo.reset()
     steps = {}
     for name, speed in SPEED_OPTIONS.items():
@@ -236,6 +246,38 @@ def speed_option_times(profile: str, method: str, repeats: int, device: str) -> 
     for _ in range(repeats):
         for name, one in steps.items():
             times[name].append(one())
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# the modules whose layers call quantize_activation: the reference is patched in there
+ACTIVATION_CALLERS = (layers, schemes)
+
+
+def activation_times(profile: str, method: str, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of one multi-bit step of the profile's model with the activation quantizer the
+    package runs (:class:`emq.quant.quantizers.ClampQuantize`) and with its autograd reference
+    (:func:`emq.quant.quantizers.activation_reference`, patched in where the layers call it), on one
+    batch, the two steps interleaved. Both give the same values and gradients bit for bit."""
+    cfg, dev, data, x, y = _first_batch(profile, method, device)
+    model = build_model(cfg, data, dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batch = shared_batch(x, y, cfg.train.bits)
+
+    def fused():
+        return timed_step(model, opt, batch, dev, cfg.train.distill)
+
+    def reference():
+        with contextlib.ExitStack() as stack:
+            for module in ACTIVATION_CALLERS:
+                stack.enter_context(mock.patch.object(module, "quantize_activation", activation_reference))
+            return fused()
+
+    times = {"fused": [], "reference": []}
+    for _ in range(3):
+        fused(), reference()
+    for _ in range(repeats):
+        times["fused"].append(fused())
+        times["reference"].append(reference())
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -294,7 +336,8 @@ def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore
     (``jobs`` one-thread workers, nothing else to run beside them) and return, per run, the seconds it
     recorded, its paced estimate and the seconds it takes now. The runs: the cheapest of each kind
     (method, trained bit-widths, epochs), cheapest kinds first, none fine-tuned from another; from
-    ``store`` (default: the repository's)."""
+    ``store`` (default: the repository's). ``same_acc``: the retrained run ends at the stored run's
+    accuracies exactly (on the CPU that trained it, training is deterministic)."""
     store = store or ResultsStore(repo_root() / "results")
     method, configs = {}, {}
     for name in CHAPTER_GRIDS:
@@ -311,7 +354,8 @@ def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore
         train_all(chosen, again, jobs, 1, echo=lambda line: None)
         return [{"hash": c.hash(), "kind": f"{method[c.hash()]}, {len(c.train.bits)} bits, {c.train.epochs} epochs",
                  "recorded_s": recorded_seconds(store.run(c)), "paced_s": paced_seconds(store.run(c)),
-                 "now_s": recorded_seconds(again.run(c))} for c in chosen]
+                 "now_s": recorded_seconds(again.run(c)),
+                 "same_acc": again.run(c).summary["acc"] == store.run(c).summary["acc"]} for c in chosen]
 
 
 def print_budget_check(profile: str, runs: int, jobs: int = 2) -> None:
@@ -322,6 +366,9 @@ def print_budget_check(profile: str, runs: int, jobs: int = 2) -> None:
               f"now {r['now_s']:6.0f} s")
     now, paced, recorded = (sum(r[k] for r in rows) for k in ("now_s", "paced_s", "recorded_s"))
     print(f"  ratio now / paced {now / paced:.2f}, now / recorded {now / recorded:.2f}")
+    same = sum(r["same_acc"] for r in rows)
+    print(f"  the same final accuracies as the committed runs: {same} of {len(rows)} "
+          f"(float results differ between CPUs)")
 
 
 def main(argv=None) -> int:
@@ -338,6 +385,9 @@ def main(argv=None) -> int:
                    help="throughput at full size (batch 256, 224 px) or small; auto: full on CUDA, small on CPU")
     p.add_argument("--speed-options", action="store_true",
                    help="a multi-bit step eager, channels-last, compiled and both (section 5)")
+    p.add_argument("--activation", action="store_true",
+                   help="a multi-bit step with the fused activation quantizer against its autograd reference "
+                        "(section 8)")
     p.add_argument("--runner", action="store_true",
                    help="runs per hour of the grid runner: N one-thread processes against one N-thread process")
     p.add_argument("--runner-runs", type=int, default=4, help="runs trained per layout by --runner (default 4)")
@@ -366,6 +416,12 @@ def main(argv=None) -> int:
         print(f"speed options, one multi-bit step of the {args.profile} model (median of {args.repeats}, interleaved):")
         for name, seconds in t.items():
             print(f"  {name:26} {1000 * seconds:8.1f} ms  speed-up {t['eager'] / seconds:5.2f}x")
+    if args.activation:
+        t = activation_times(args.profile, args.method, args.repeats, args.device)
+        print(f"activation quantizer, one multi-bit step of the {args.profile} model (median of {args.repeats}, "
+              f"interleaved; the same values and gradients):")
+        print(f"  autograd reference   {1000 * t['reference']:8.1f} ms")
+        print(f"  fused                {1000 * t['fused']:8.1f} ms  speed-up {t['reference'] / t['fused']:5.2f}x")
     if args.runner:
         cores = torch.get_num_threads()
         rows = runner_throughput(args.profile, args.runner_runs, ((cores, 1), (1, cores)))

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     g.add_argument("--results", default="results", help="results store folder (default: results)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (every worker uses it)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every run after the grid's scale, e.g. --set model.width=0.25 "
+                        "(each run keeps its own settings; repeatable)")
     g.add_argument("--list", "--dry-run", dest="list", action="store_true",
                    help="list the grid's runs and whether the store has them; train nothing")
 
@@ -138,7 +141,7 @@ def _grid(args) -> None:
         return
     store = ResultsStore(args.results)
     if args.list:
-        for c, stages in grid_stages(args.name, args.profile):
+        for c, stages in grid_stages(args.name, args.profile, overrides=args.overrides):
             for cfg in stages:
                 state = "finished" if store.is_finished(cfg) else "missing"
                 print(f"{cfg.hash()}  {state:<8}  {c.label}")
@@ -146,7 +149,7 @@ def _grid(args) -> None:
     if args.jobs < 1 or args.threads < 1:
         raise ConfigError(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
     resolve_device(args.device)
-    run_grid(args.name, args.profile, store, args.jobs, args.threads, device=args.device)
+    run_grid(args.name, args.profile, store, args.jobs, args.threads, device=args.device, overrides=args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,3 +219,17 @@ def test_a_runs_paced_time_is_its_time_at_the_pace_of_its_faster_epochs(tmp_path
     (pruned / "metrics.jsonl").write_text("".join(json.dumps({"elapsed_s": t, "step": s}) + "\n" for t, s in ends))
     (pruned / "summary.json").write_text(json.dumps({"wall_time_s": 6}))
     assert grids.paced_seconds(store.run(cfg)) == 6
+
+
+def test_a_grid_trained_with_set_overrides_every_runs_key_and_keeps_each_runs_own_settings():
+    plain, narrow = grid_configs("06_methods", "cpu"), grid_configs("06_methods", "cpu", overrides=["model.width=0.25"])
+    assert {c.model.width for c in plain} == {0.5} and {c.model.width for c in narrow} == {0.25}
+
+    def rest(c):  # all but the width, and the source of a fine-tuned run (whose hash has the width)
+        d = c.to_dict()
+        del d["model"]["width"], d["train"]["init_from"]
+        return d
+
+    assert [rest(c) for c in narrow] == [rest(c) for c in plain]
+    with pytest.raises(ConfigError, match="did you mean 'model.width'"):
+        grid_configs("06_methods", "cpu", overrides=["model.widht=0.25"])

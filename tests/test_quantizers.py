@@ -12,6 +12,7 @@ import torch
 
 from emq.quant.quantizers import (
     SUPPORTED_BITS,
+    activation_reference,
     channel_stats,
     check_bits,
     correct_weight_bias,
@@ -177,6 +178,24 @@ def test_activation_ste_gradient_is_one_inside_0_1_and_zero_outside(bits):
 
 
 # ---- bit-widths --------------------------------------------------------------------------------
+# Signed zeros, both ends of [0, 1], the floats just beyond them, subnormals, levels' midpoints.
+EDGES = [0.0, -0.0, 1.0, -1e-40, 1e-40, -1e-38, 1.0000001, 0.9999999, 0.5, 1 / 6, 1 / 14, 2.0, -3.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [*LOW_BITS, 32])
+def test_activation_quantizer_gives_the_autograd_references_values_and_gradients_bit_for_bit(bits, dtype):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.cat([torch.tensor(EDGES, dtype=dtype), 0.4 + 0.7 * torch.randn(20000, generator=gen, dtype=dtype)])
+    g = torch.randn(x.shape, generator=gen, dtype=dtype)
+    fused, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = quantize_activation(fused, bits), activation_reference(reference, bits)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(out, ref) and torch.equal(out.signbit(), ref.signbit())
+    assert torch.equal(fused.grad, reference.grad) and torch.equal(fused.grad.signbit(), reference.grad.signbit())
+
+
 def test_supported_bit_widths_are_1_to_16_and_32():
     assert SUPPORTED_BITS == tuple(range(1, 17)) + (32,)
     for b in SUPPORTED_BITS:

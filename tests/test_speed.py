@@ -88,6 +88,20 @@ def test_throughput_rows_hold_the_figures_of_the_issue(monkeypatch, capsys):
     assert "overhead = multi / (2 x fp)" in capsys.readouterr().out
 
 
+def test_the_activation_bench_patches_its_reference_into_every_module_that_calls_the_quantizer():
+    import importlib
+    import pkgutil
+
+    import emq
+    from emq.bench import ACTIVATION_CALLERS
+    from emq.quant.quantizers import quantize_activation
+
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(emq.__path__, "emq.")
+               if not m.name.endswith("__main__")]
+    callers = {m.__name__ for m in modules if getattr(m, "quantize_activation", None) is quantize_activation}
+    assert callers - {"emq.quant.quantizers"} == {m.__name__ for m in ACTIVATION_CALLERS}
+
+
 def test_bench_is_a_subcommand_of_the_cli(capsys):
     from emq.cli import main
 
@@ -123,3 +137,4 @@ def test_the_budget_check_retrains_a_committed_run_and_sets_its_time_now_beside_
     (row,) = budget_check("smoke", runs=3, jobs=1, store=store)  # the one run this store has
     assert row["hash"] == cheapest.hash() and row["kind"].startswith("shared_meanvar, 1 bits")
     assert row["now_s"] > 0 and 0 < row["paced_s"] <= row["recorded_s"]
+    assert row["same_acc"]  # retrained on the CPU that trained it: the same run, to the last digit

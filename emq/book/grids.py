@@ -94,6 +94,10 @@ VERDICT_TESTS = {"verdict": "order", "bn_verdict": "match"}
 # training-set size and seed; the full-size runs are chapter 02's): are its methods flat there too, and does its
 # comparison read the same?
 HALF_SIZES = {"smoke": (128, 256), "cpu": (1229, 2458)}
+# Another: a quarter of the cpu model's width (ResNet-8 x0.25 instead of x0.5; each image about 1.5x cheaper on
+# this CPU) at chapter 02's images and length (group "narrow", keyed by method, width and seed; the x0.5 runs
+# are chapter 02's): the same two questions.
+NARROW_WIDTHS = {"smoke": (0.125, 0.25), "cpu": (0.25, 0.5)}
 
 
 def scale_grid(profile: str) -> Grid:
@@ -134,8 +138,10 @@ def scale_grid(profile: str) -> Grid:
     short = VERDICT_LENGTHS[profile][0]
     half = {(m, n, s): cell(m, **{**same, "data_train_size": n}, train_seed=s, train_epochs=short)
             for s in DOUBLING_SEEDS[profile] for m in BN_VERDICT_METHODS for n in HALF_SIZES[profile]}
+    narrow = {(m, w, s): cell(m, **same, model_width=w, train_seed=s, train_epochs=short)
+              for s in DOUBLING_SEEDS[profile] for m in BN_VERDICT_METHODS for w in NARROW_WIDTHS[profile]}
     return Grid({"scale": {c.label: c for c in cells}, "doubling": doubling, "verdict": checked(VERDICT_METHODS),
-                 "bn_verdict": checked(BN_VERDICT_METHODS), "half": half})
+                 "bn_verdict": checked(BN_VERDICT_METHODS), "half": half, "narrow": narrow})
 
 
 # ---- the GPU evidence (make gpu-evidence) ---------------------------------------------------------
@@ -339,18 +345,19 @@ def grid_of(name: str, profile: str) -> Grid:
 
 
 def grid_stages(name: str, profile: str, base: RunConfig | None = None,
-                group: str | None = None) -> list[tuple[Cell, list[RunConfig]]]:
+                group: str | None = None, overrides=None) -> list[tuple[Cell, list[RunConfig]]]:
     """Every cell of grid ``name`` at ``profile`` (or of one of its groups) with its runs (pretraining
-    stages first), on ``base`` (default: the profile's config)."""
+    stages first), on ``base`` (default: the profile's config). ``overrides`` (dotted, as ``--set``)
+    apply to every run after the grid's scale and before each cell's own settings."""
     grid = grid_of(name, profile)
-    start = grid.base(base or load_config(profile=profile))
+    start = grid.base(base or load_config(profile=profile)).with_overrides(overrides)
     return [(c, c.configs(start)) for c in grid.cells(group)]
 
 
-def grid_configs(name: str, profile: str, base: RunConfig | None = None) -> list[RunConfig]:
+def grid_configs(name: str, profile: str, base: RunConfig | None = None, overrides=None) -> list[RunConfig]:
     """Every run of grid ``name`` at ``profile``, each once, pretraining stages before their users."""
     out: dict[str, RunConfig] = {}
-    for _, stages in grid_stages(name, profile, base):
+    for _, stages in grid_stages(name, profile, base, overrides=overrides):
         for cfg in stages:
             out.setdefault(cfg.hash(), cfg)
     return list(out.values())
@@ -366,9 +373,12 @@ def _train_one(args) -> tuple[str, float, dict]:
 
 
 def run_grid(name: str, profile: str, store: ResultsStore, jobs: int = 2, threads: int = 1,
-             base: RunConfig | None = None, echo: Callable[[str], None] = print, device: str = "cpu") -> list[str]:
-    """Train every missing run of grid ``name`` at ``profile`` (:func:`train_all`)."""
-    return train_all(grid_configs(name, profile, base), store, jobs, threads, f"grid {name} at {profile}", echo, device)
+             base: RunConfig | None = None, echo: Callable[[str], None] = print, device: str = "cpu",
+             overrides=None) -> list[str]:
+    """Train every missing run of grid ``name`` at ``profile`` (:func:`train_all`), with ``overrides``
+    (:func:`grid_stages`)."""
+    return train_all(grid_configs(name, profile, base, overrides), store, jobs, threads, f"grid {name} at {profile}",
+                     echo, device)
 
 
 def run_cost(cfg: RunConfig) -> int:

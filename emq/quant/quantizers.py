@@ -52,12 +52,54 @@ def quantize_weight(w: torch.Tensor, bits: int, scale_by_mean: bool = False) -> 
 
 
 def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """``q_b(x) = round(n_b clamp(x, 0, 1)) / n_b``; for b = 32 the clamp alone."""
+    """``q_b(x) = round(n_b clamp(x, 0, 1)) / n_b``; for b = 32 the clamp alone.
+
+    The gradient is the straight-through one: that of ``n_b clamp(x, 0, 1) / n_b`` with ``round``
+    passed through (:func:`activation_reference` spells it out with autograd). Computed by one
+    autograd function, :class:`ClampQuantize`, whose output and gradient equal the reference's bit for bit.
+    """
+    return ClampQuantize.apply(x, 0 if check_bits(bits) == FULL_PRECISION else levels(bits))
+
+
+def activation_reference(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`quantize_activation` as plain autograd operations (the definition :class:`ClampQuantize` keeps)."""
     x = torch.clamp(x, 0.0, 1.0)
     if check_bits(bits) == FULL_PRECISION:
         return x
     n = levels(bits)
     return round_ste(n * x) / n
+
+
+class ClampQuantize(torch.autograd.Function):
+    """``round(n clamp(x, 0, 1)) / n`` (``n = 0``: the clamp alone) with the straight-through gradient.
+
+    The same values and gradients as :func:`activation_reference`, with fewer passes over the
+    activations: the reference's clamp backward (two comparisons, a logical and, a ``where`` on a
+    boolean mask) is one fused ``hardtanh_backward``, which passes the gradient where the clamp's does
+    (strictly inside (0, 1)) several times faster on the CPU, and the rounding needs no
+    straight-through sum. The gradient keeps the reference's ``(g / n) * n``.
+    """
+
+    generate_vmap_rule = True  # per-sample gradients (torch.func, chapter 04's GraNd scores)
+
+    @staticmethod
+    def forward(x: torch.Tensor, n: int) -> torch.Tensor:
+        y = torch.clamp(x, 0.0, 1.0)
+        # + 0.0: the reference's straight-through sum turns round(-0.0) into +0.0; so does this
+        return y.mul_(n).round_().add_(0.0).div_(n) if n else y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, n = inputs
+        ctx.save_for_backward(x)
+        ctx.n = n
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        if ctx.n:
+            g = g.div(ctx.n).mul_(ctx.n)
+        return torch.ops.aten.hardtanh_backward(g, x, 0.0, 1.0), None
 
 
 def channel_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
