@@ -37,7 +37,7 @@ EXACT = re.compile(r"passes|_kb$|size_ratio|^est_|^processes$|pruning_ceiling|^r
 TIMING = re.compile(r"time|share_pct")
 VERDICT = re.compile(r"supported|fraction$|max_prune|cost_ratio_at_max|at_plateau|^plateau_epochs"
                      r"|^plateau_images|^chapters_(judged|with)|^claims_yes|^rule_(caught|false_flat)$|_held$|_doubled_verdict$"
-                     r"|^half_\w+_same$")
+                     r"|^(half|narrow)_\w+_same$")
 POINTS = re.compile(r"_pp(_|$)")  # differences in percentage points
 
 # chapter -> (tolerance of its other trained numbers, in their own unit; of its "_pp" differences).
