@@ -335,7 +335,9 @@ def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore
     """Retrain ``runs`` committed runs of the chapters' grids into a temporary store with the runner
     (``jobs`` one-thread workers, nothing else to run beside them) and return, per run, the seconds it
     recorded, its paced estimate and the seconds it takes now. The runs: the cheapest of each kind
-    (method, trained bit-widths, epochs), cheapest kinds first, none fine-tuned from another; from
+    (method, trained bit-widths, epochs), the kinds that take the largest share of the budget (their
+    runs' paced seconds) first, so that the check weighs what the budget mostly is; none fine-tuned
+    from another; from
     ``store`` (default: the repository's). ``same_acc``: the retrained run ends at the stored run's
     accuracies exactly (on the CPU that trained it, training is deterministic)."""
     store = store or ResultsStore(repo_root() / "results")
@@ -346,9 +348,12 @@ def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore
                 if not cfg.train.init_from and store.is_finished(cfg):
                     method[cfg.hash()], configs[cfg.hash()] = c.method, cfg
     kinds: dict[tuple, RunConfig] = {}
+    share: dict[tuple, float] = {}
     for c in sorted(configs.values(), key=lambda c: paced_seconds(store.run(c))):
-        kinds.setdefault((method[c.hash()], len(c.train.bits), c.train.epochs), c)
-    chosen = list(kinds.values())[:runs]
+        kind = (method[c.hash()], len(c.train.bits), c.train.epochs)
+        kinds.setdefault(kind, c)
+        share[kind] = share.get(kind, 0.0) + paced_seconds(store.run(c))
+    chosen = [kinds[k] for k in sorted(kinds, key=share.__getitem__, reverse=True)[:runs]]
     with tempfile.TemporaryDirectory() as tmp:
         again = ResultsStore(tmp)
         train_all(chosen, again, jobs, 1, echo=lambda line: None)

@@ -138,3 +138,17 @@ def test_the_budget_check_retrains_a_committed_run_and_sets_its_time_now_beside_
     assert row["hash"] == cheapest.hash() and row["kind"].startswith("shared_meanvar, 1 bits")
     assert row["now_s"] > 0 and 0 < row["paced_s"] <= row["recorded_s"]
     assert row["same_acc"]  # retrained on the CPU that trained it: the same run, to the last digit
+
+
+@needs_data
+def test_the_budget_check_retrains_first_the_kind_of_run_that_takes_the_largest_share_of_the_budget(tmp_path):
+    from emq.bench import budget_check
+    from emq.book.grids import grid_configs, paced_seconds, train_all
+    from emq.results import ResultsStore
+
+    store = ResultsStore(tmp_path)
+    configs = grid_configs("03_knowledge_transfer", "smoke")
+    kinds = {len(c.train.bits): c for c in configs}  # a child alone (1 bit-width) and both children (2)
+    train_all(list(kinds.values()), store, jobs=1, echo=lambda line: None)
+    (row,) = budget_check("smoke", runs=1, jobs=1, store=store)
+    assert row["hash"] == max(kinds.values(), key=lambda c: paced_seconds(store.run(c))).hash()
