@@ -233,3 +233,18 @@ def test_a_grid_trained_with_set_overrides_every_runs_key_and_keeps_each_runs_ow
     assert [rest(c) for c in narrow] == [rest(c) for c in plain]
     with pytest.raises(ConfigError, match="did you mean 'model.width'"):
         grid_configs("06_methods", "cpu", overrides=["model.widht=0.25"])
+
+
+def test_the_grid_command_lists_the_runs_with_its_set_overrides_and_refuses_an_unknown_key_in_one_line(capsys,
+                                                                                                       tmp_path):
+    from emq.cli import main
+
+    args = ["grid", "06_methods", "--list", "--results", str(tmp_path)]
+    assert main([*args, "--set", "model.width=0.25"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    expected = [cfg.hash() for _, stages in grids.grid_stages("06_methods", "cpu", overrides=["model.width=0.25"])
+                for cfg in stages]
+    assert [row[0] for row in listed] == expected and {row[1] for row in listed} == {"missing"}
+    assert main([*args, "--set", "model.widht=0.25"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'model.widht'" in err
