@@ -337,9 +337,8 @@ def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore
     recorded, its paced estimate and the seconds it takes now. The runs: the cheapest of each kind
     (method, trained bit-widths, epochs), the kinds that take the largest share of the budget (their
     runs' paced seconds) first, so that the check weighs what the budget mostly is; none fine-tuned
-    from another; from
-    ``store`` (default: the repository's). ``same_acc``: the retrained run ends at the stored run's
-    accuracies exactly (on the CPU that trained it, training is deterministic)."""
+    from another; from ``store`` (default: the repository's). ``same_acc``: the retrained run ends at
+    the stored run's accuracies exactly (on the CPU that trained it, training is deterministic)."""
     store = store or ResultsStore(repo_root() / "results")
     method, configs = {}, {}
     for name in CHAPTER_GRIDS:
