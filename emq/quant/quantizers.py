@@ -97,9 +97,8 @@ class ClampQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (x,) = ctx.saved_tensors
-        if ctx.n:
-            g = g.div(ctx.n).mul_(ctx.n)
-        return torch.ops.aten.hardtanh_backward(g, x, 0.0, 1.0), None
+        grad = torch.ops.aten.hardtanh_backward(g, x, 0.0, 1.0)
+        return (grad.div_(ctx.n).mul_(ctx.n) if ctx.n else grad), None  # (g / n) * n in place; 0 stays +0
 
 
 def channel_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
