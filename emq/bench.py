@@ -346,18 +346,19 @@ def budget_check(profile: str, runs: int = 4, jobs: int = 2, store: ResultsStore
             for cfg in stages:
                 if not cfg.train.init_from and store.is_finished(cfg):
                     method[cfg.hash()], configs[cfg.hash()] = c.method, cfg
+    paced = {h: paced_seconds(store.run(c)) for h, c in configs.items()}  # each run's metrics read once
     kinds: dict[tuple, RunConfig] = {}
     share: dict[tuple, float] = {}
-    for c in sorted(configs.values(), key=lambda c: paced_seconds(store.run(c))):
+    for c in sorted(configs.values(), key=lambda c: paced[c.hash()]):
         kind = (method[c.hash()], len(c.train.bits), c.train.epochs)
         kinds.setdefault(kind, c)
-        share[kind] = share.get(kind, 0.0) + paced_seconds(store.run(c))
+        share[kind] = share.get(kind, 0.0) + paced[c.hash()]
     chosen = [kinds[k] for k in sorted(kinds, key=share.__getitem__, reverse=True)[:runs]]
     with tempfile.TemporaryDirectory() as tmp:
         again = ResultsStore(tmp)
         train_all(chosen, again, jobs, 1, echo=lambda line: None)
         return [{"hash": c.hash(), "kind": f"{method[c.hash()]}, {len(c.train.bits)} bits, {c.train.epochs} epochs",
-                 "recorded_s": recorded_seconds(store.run(c)), "paced_s": paced_seconds(store.run(c)),
+                 "recorded_s": recorded_seconds(store.run(c)), "paced_s": paced[c.hash()],
                  "now_s": recorded_seconds(again.run(c)),
                  "same_acc": again.run(c).summary["acc"] == store.run(c).summary["acc"]} for c in chosen]
 

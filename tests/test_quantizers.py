@@ -177,7 +177,6 @@ def test_activation_ste_gradient_is_one_inside_0_1_and_zero_outside(bits):
     assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
 
 
-# ---- bit-widths --------------------------------------------------------------------------------
 # Signed zeros, both ends of [0, 1], the floats just beyond them, subnormals, levels' midpoints.
 EDGES = [0.0, -0.0, 1.0, -1e-40, 1e-40, -1e-38, 1.0000001, 0.9999999, 0.5, 1 / 6, 1 / 14, 2.0, -3.0]
 
@@ -196,6 +195,7 @@ def test_activation_quantizer_gives_the_autograd_references_values_and_gradients
     assert torch.equal(fused.grad, reference.grad) and torch.equal(fused.grad.signbit(), reference.grad.signbit())
 
 
+# ---- bit-widths --------------------------------------------------------------------------------
 def test_supported_bit_widths_are_1_to_16_and_32():
     assert SUPPORTED_BITS == tuple(range(1, 17)) + (32,)
     for b in SUPPORTED_BITS:
