@@ -22,7 +22,10 @@
    store with 2 workers, computed from the wall times the committed runs recorded (each run
    counted once, however many chapters read it), and at the pace of each run's faster epochs
    (the quarter quantile of their durations), since many runs were trained beside more
-   workers than cores. With ``--budget-check N``: N committed runs retrained now beside each
+   workers than cores; for each chapter with an extended tier, and for the book, also its core
+   (the runs `make runs` trains). With ``--activation`` as well, the paced times sped up by the
+   fused activation quantizer's step ratio measured in the same call (the committed runs were
+   timed before it). With ``--budget-check N``: N committed runs retrained now beside each
    other, their times against both estimates.
 8. With ``--activation``: one multi-bit step with the fused activation quantizer the package runs
    against the same step with its autograd reference, interleaved on one batch.
@@ -297,29 +300,41 @@ def runner_throughput(profile: str, runs: int, layouts: tuple[tuple[int, int], .
     return out
 
 
-def print_budget(profile: str, jobs: int = 2) -> None:
-    """Per chapter grid and for the book: runs, runs missing from the store, the training time of its
-    runs (core-hours) and the runner's time with ``jobs`` one-thread workers, from the wall times the
-    runs recorded and at the pace of their faster epochs (:func:`emq.book.grids.paced_seconds`); and the
-    paced core-hours of each group of a grid."""
+def print_budget(profile: str, jobs: int = 2, speedup: float | None = None) -> None:
+    """Per chapter grid (and its core, where it has an extended tier) and for the book: runs, runs
+    missing from the store, the training time of its runs (core-hours) and the runner's time with
+    ``jobs`` one-thread workers, from the wall times the runs recorded and at the pace of their faster
+    epochs (:func:`emq.book.grids.paced_seconds`); with ``speedup`` (the fused activation quantizer's
+    step ratio, measured beside its reference in the same call), also paced and sped up by it where a
+    run's activations are DoReFa's (the fused quantizer's; the committed runs were timed before it); and
+    the paced core-hours of each group of a grid."""
     store = ResultsStore(repo_root() / "results")
     every = {name: grid_configs(name, profile) for name in CHAPTER_GRIDS}
+    core = {name: grid_configs(name, profile, extended=False) for name in CHAPTER_GRIDS}
     print(f"training the chapters' grids at the {profile} profile from an empty store, {jobs} one-thread workers "
           "(recorded: the runs' wall times; paced: at the pace of each run's faster epochs, "
-          "emq.book.grids.paced_seconds), and per group of a grid (a run two chapters share counts in each):")
+          "emq.book.grids.paced_seconds" + (f"; fused: paced / {speedup:.2f} where a run's activations are "
+                                            "DoReFa's" if speedup else "")
+          + "), and per group of a grid (a run two chapters share counts in each):")
+    measures = {"recorded": recorded_seconds, "paced": paced_seconds}
+    if speedup:
+        measures["fused"] = lambda run: paced_seconds(run) / (speedup if run.config.quant.act_quantizer == "dorefa"
+                                                              else 1.0)
 
     def line(label, configs):
         configs = list({c.hash(): c for c in configs}.values())
         cells = []
-        for seconds in (recorded_seconds, paced_seconds):
+        for seconds in measures.values():
             runner, missing = runner_seconds(configs, store, jobs, seconds)
             total, _ = runner_seconds(configs, store, 1, seconds)
             cells.append(f"{total / 3600:6.2f} core-h, runner {runner / 3600:5.2f} h")
-        print(f"  {label:28} {len(configs):4d} runs ({missing} not in the store)  recorded {cells[0]}  "
-              f"paced {cells[1]}")
+        print(f"  {label:34} {len(configs):4d} runs ({missing} not in the store)  "
+              + "  ".join(f"{name} {cell}" for name, cell in zip(measures, cells)))
 
     for name, configs in every.items():
         line(name, configs)
+        if len(core[name]) < len(configs):
+            line(f"{name}, core", core[name])
         groups = grid_of(name, profile).groups
         for group in groups if len(groups) > 1 else ():
             runs = {cfg.hash(): cfg for _, stages in grid_stages(name, profile, group=group) for cfg in stages}
@@ -328,6 +343,7 @@ def print_budget(profile: str, jobs: int = 2) -> None:
                 paced = sum(paced_seconds(store.run(c)) for c in done) / 3600
                 print(f"    group {group:20} {len(runs):4d} runs  paced {paced:6.2f} core-h")
     line("every chapter but 00_scale", [c for name, cs in every.items() if name != "00_scale" for c in cs])
+    line("every chapter but 00_scale, core", [c for name, cs in core.items() if name != "00_scale" for c in cs])
     line("every chapter", [c for cs in every.values() for c in cs])
 
 
@@ -421,8 +437,10 @@ def main(argv=None) -> int:
         print(f"speed options, one multi-bit step of the {args.profile} model (median of {args.repeats}, interleaved):")
         for name, seconds in t.items():
             print(f"  {name:26} {1000 * seconds:8.1f} ms  speed-up {t['eager'] / seconds:5.2f}x")
+    speedup = None
     if args.activation:
         t = activation_times(args.profile, args.method, args.repeats, args.device)
+        speedup = t["reference"] / t["fused"]
         print(f"activation quantizer, one multi-bit step of the {args.profile} model (median of {args.repeats}, "
               f"interleaved; the same values and gradients):")
         print(f"  autograd reference   {1000 * t['reference']:8.1f} ms")
@@ -437,7 +455,7 @@ def main(argv=None) -> int:
         print(f"  ratio {rows[0]['jobs']} x 1 thread / 1 x {rows[1]['threads']} threads  "
               f"{rows[0]['runs_per_hour'] / rows[1]['runs_per_hour']:.2f}")
     if args.budget:
-        print_budget(args.profile)
+        print_budget(args.profile, speedup=speedup)
     if args.budget_check:
         print_budget_check(args.profile, args.budget_check)
     if not args.no_book:

@@ -14,7 +14,7 @@ import sys
 
 from emq.analysis.evaluation import evaluate_run
 from emq.bench import main as bench_main
-from emq.book.grids import GRIDS, grid_stages, run_grid
+from emq.book.grids import GRIDS, grid_configs, grid_stages, run_grid
 from emq.config import PROFILES, ConfigError, load_config, parse_overrides
 from emq.data.check import missing_pieces
 from emq.data.datasets import DataError, fetch_fashion_mnist
@@ -79,8 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every run after the grid's scale, e.g. --set model.width=0.25 "
                         "(each run keeps its own settings; repeatable)")
+    g.add_argument("--extended", action="store_true",
+                   help="train the grid's extended tier too (the runs beyond the book's budget that a chapter "
+                        "reads when the store has them)")
     g.add_argument("--list", "--dry-run", dest="list", action="store_true",
-                   help="list the grid's runs and whether the store has them; train nothing")
+                   help="list the grid's runs, their tier and whether the store has them; train nothing")
 
     d = sub.add_parser("data", help="get the embedded dataset, or check a dataset's files")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -141,15 +144,18 @@ def _grid(args) -> None:
         return
     store = ResultsStore(args.results)
     if args.list:
+        core = {cfg.hash() for cfg in grid_configs(args.name, args.profile, overrides=args.overrides, extended=False)}
         for c, stages in grid_stages(args.name, args.profile, overrides=args.overrides):
             for cfg in stages:
                 state = "finished" if store.is_finished(cfg) else "missing"
-                print(f"{cfg.hash()}  {state:<8}  {c.label}")
+                tier = "core" if cfg.hash() in core else "extended"
+                print(f"{cfg.hash()}  {state:<8}  {tier:<8}  {c.label}")
         return
     if args.jobs < 1 or args.threads < 1:
         raise ConfigError(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
     resolve_device(args.device)
-    run_grid(args.name, args.profile, store, args.jobs, args.threads, device=args.device, overrides=args.overrides)
+    run_grid(args.name, args.profile, store, args.jobs, args.threads, device=args.device, overrides=args.overrides,
+             extended=args.extended)
 
 
 def main(argv: list[str] | None = None) -> int:

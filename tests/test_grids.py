@@ -10,6 +10,7 @@ from conftest import needs_data
 from emq.book import grids
 from emq.book.grids import CHAPTER_GRIDS, GRIDS, Grid, cell, grid_configs, run_grid, runner_seconds
 from emq.config import ConfigError, load_config
+from emq.profiles import SEEDS
 from emq.results import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,6 +246,69 @@ def test_the_grid_command_lists_the_runs_with_its_set_overrides_and_refuses_an_u
     expected = [cfg.hash() for _, stages in grids.grid_stages("06_methods", "cpu", overrides=["model.width=0.25"])
                 for cfg in stages]
     assert [row[0] for row in listed] == expected and {row[1] for row in listed} == {"missing"}
+    core = {c.hash() for c in grid_configs("06_methods", "cpu", overrides=["model.width=0.25"], extended=False)}
+    assert {row[0] for row in listed if row[2] == "core"} == core and len(core) < len(listed)
     assert main([*args, "--set", "model.widht=0.25"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown config key 'model.widht'" in err
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu"])
+def test_the_budgeted_core_keeps_every_headline_comparison_with_every_seed_and_the_extended_tier_the_rest(profile):
+    seeds = set(SEEDS[profile])
+
+    def tier(name, extended):  # group -> key without its seed -> seeds, of the cells of one tier
+        grid = grids.grid_of(name, profile)
+        out = {}
+        for group, cells in grid.groups.items():
+            for key in cells:
+                if grid.is_extended(group, key) == extended:
+                    *rest, seed = key if isinstance(key, tuple) else (key,)
+                    out.setdefault(group, {}).setdefault(tuple(rest), set()).add(seed)
+        return out
+
+    # chapter 02: switchable BN, shared BN and shared BN + mean+var with every seed; extended: the mean-only
+    # correction and the all-bit-widths control
+    core, extended = tier("02_shared_bn", False), tier("02_shared_bn", True)
+    assert core["methods"] == dict.fromkeys([("switchable",), ("shared",), ("shared_meanvar",)], seeds)
+    assert extended["methods"] == {("shared_mean",): seeds} and set(extended["all_bits"]) == {()}
+    # chapter 04: the baseline, one network per bit-width, static EL2N and random at its ratios but the gentlest
+    # (at the cpu profile), all with every seed; extended: the scores and modes run with one seed
+    core, extended = tier("04_coreset_pruning", False), tier("04_coreset_pruning", True)
+    assert set(core) == {"baseline", "pruned", "per_bit"}
+    assert all(s == seeds for group in core.values() for s in group.values())
+    assert {name for name, _ in core["pruned"]} == {"el2n, static", "random, static"}
+    assert {name for name, _ in extended["pruned"]} >= {"grand, static", "loss, static", "el2n, dynamic"}
+    if profile == "cpu":
+        assert {p for _, p in core["pruned"]} == {0.6, 0.8} and ("el2n, static", 0.3) in extended["pruned"]
+    # chapter 06: the two baselines, a learned quantizer and the full-precision reference with every seed;
+    # extended: Double Rounding and shift-bit, capped or not
+    core, extended = tier("06_methods", False), tier("06_methods", True)
+    assert {"any_precision", "emq", "lsq", "full_precision"} <= {m for m, in core["methods"]}
+    assert all(s == seeds for s in core["methods"].values()) and "shift_capped" not in core
+    assert set(extended["methods"]) == {("double_rounding",), ("shift",)} and extended["shift_capped"] == {(): seeds}
+
+
+def test_the_gpu_profile_has_no_extended_tier():
+    for name in CHAPTER_GRIDS:
+        if name != "00_scale":
+            assert grids.grid_of(name, "gpu").extended == frozenset()
+
+
+@needs_data
+def test_a_chapter_reads_the_extended_tier_only_once_the_runner_has_trained_it(tmp_path, monkeypatch):
+    from emq.book.chapter import Chapter
+
+    monkeypatch.setitem(grids.GRIDS, "tiny", lambda profile: Grid(
+        {"all": {"fp": cell("full_precision"), "ap": cell("any_precision")}}, scale=TINY,
+        extended=frozenset({("all", "ap")})))
+    store = ResultsStore(tmp_path)
+    ch = Chapter("tiny", "smoke", results_dir=str(tmp_path))
+    runs = ch.runs("tiny")  # trains the core, leaves the extended cell out
+    assert list(runs["all"]) == ["fp"] and runs.missing == {"all": ["ap"]}
+    assert len(store.runs()) == 1
+    base = load_config(profile="smoke")
+    assert run_grid("tiny", "smoke", store, jobs=1, base=base, echo=lambda line: None) == []
+    assert len(run_grid("tiny", "smoke", store, jobs=1, base=base, echo=lambda line: None, extended=True)) == 1
+    runs = Chapter("tiny", "smoke", results_dir=str(tmp_path)).runs("tiny")
+    assert list(runs["all"]) == ["fp", "ap"] and runs.missing == {}

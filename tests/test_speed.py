@@ -3,6 +3,7 @@ stored runs keep their numbers and hashes; each option exercised here on the CPU
 the aot_eager backend, which traces the same graphs as inductor without generating code)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,10 @@ def test_the_budget_gives_the_runners_time_for_every_chapter_grid_and_for_the_wh
     assert set(CHAPTER_GRIDS) <= named and lines[-1].lstrip().startswith("every chapter ")
     # every run committed, and each total both from the recorded wall times and at the runs' faster pace
     assert all("(0 not in the store)" in line and line.count("runner") == 2 for line in totals)
+    # and the core of every chapter with an extended tier, on fewer runs
+    assert {"02_shared_bn,", "04_coreset_pruning,", "06_methods,"} <= named
+    runs = {m[1]: int(m[2]) for m in (re.match(r"\s*(.+?)\s+(\d+) runs ", line) for line in totals)}
+    assert runs["every chapter but 00_scale, core"] < runs["every chapter but 00_scale"]
     groups = {line.split()[1] for line in lines[1:] if line.lstrip().startswith("group ")}
     assert {"doubling", "verdict", "per_bit", "shift_capped"} <= groups
 

@@ -7,7 +7,7 @@ analysis it calls live in the other modules of the package.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from emq.book.grids import Cell, grid_of, grid_stages
@@ -78,20 +78,30 @@ class Chapter:
                 out.append((c, None))
         return out
 
-    def runs(self, name: str) -> GridRuns:
+    def runs(self, name: str, extended: bool = False) -> GridRuns:
         """The runs of grid ``name`` at the chapter's profile, by group and key as the grid declares
-        them (each the last stage of its method), read from the store or trained first when missing."""
+        them (each the last stage of its method), read from the store or trained first when missing.
+        A cell of the grid's extended tier is trained only if ``extended``; otherwise it is read when
+        the store has every stage of it and left out (listed in ``missing``) when not."""
         grid = grid_of(name, self.profile)
         base = grid.base(self.base)
         groups: dict[str, dict] = {}
         stages: dict[str, list[Run]] = {}
+        missing: dict[str, list] = {}
         for group, cells in grid.groups.items():
             groups[group] = {}
             for key, c in cells.items():
-                runs = [self.run(cfg) for cfg in c.configs(base)]
+                configs = c.configs(base)
+                if not extended and grid.is_extended(group, key) and not all(map(self.store.is_finished, configs)):
+                    missing.setdefault(group, []).append(key)
+                    continue
+                runs = [self.run(cfg) for cfg in configs]
                 groups[group][key] = runs[-1]
                 stages[runs[-1].hash] = runs
-        return GridRuns(base, groups, stages)
+        if missing:
+            print(f"{sum(map(len, missing.values()))} runs of the extended tier are not in the store "
+                  f"(python -m emq grid {name} --profile {self.profile} --extended trains them)")
+        return GridRuns(base, groups, stages, missing)
 
     def keep(self, run: Run) -> Run:
         """Note that the chapter read ``run`` (listed in ``results/chapters/<chapter>.runs.json``)."""
@@ -129,6 +139,7 @@ class GridRuns:
     base: RunConfig  # the config the grid's runs start from, with this machine's data root
     groups: dict[str, dict]  # group -> key -> Run (the last stage of its method)
     stages: dict[str, list[Run]]  # hash of a last stage -> every stage of its method, pretraining first
+    missing: dict[str, list] = field(default_factory=dict)  # group -> keys of its extended cells not in the store
 
     def __getitem__(self, group: str) -> dict:
         return self.groups[group]

@@ -52,15 +52,21 @@ class Grid:
 
     groups: Mapping[str, Mapping[Hashable, Cell]]
     scale: Mapping[str, object] = field(default_factory=dict)
+    # (group, key) of the cells beyond the book's compute budget at this profile: the extended tier, which
+    # `python -m emq grid NAME --extended` trains and a chapter reads when the store has it
+    extended: frozenset[tuple[str, Hashable]] = frozenset()
 
     def base(self, profile_base: RunConfig) -> RunConfig:
         """The config every run of the grid starts from."""
         return profile_base.with_overrides(dict(self.scale))
 
-    def cells(self, group: str | None = None) -> list[Cell]:
-        """The grid's cells, or those of one ``group``."""
-        groups = self.groups.values() if group is None else [self.groups[group]]
-        return [c for cells in groups for c in cells.values()]
+    def cells(self, group: str | None = None, extended: bool = True) -> list[Cell]:
+        """The grid's cells, or those of one ``group``; without the extended tier unless ``extended``."""
+        groups = self.groups.items() if group is None else [(group, self.groups[group])]
+        return [c for g, cells in groups for k, c in cells.items() if extended or (g, k) not in self.extended]
+
+    def is_extended(self, group: str, key: Hashable) -> bool:
+        return (group, key) in self.extended
 
 
 # ---- the scale study (book/00_scale.ipynb) --------------------------------------------------------
@@ -174,6 +180,15 @@ CPU_LONG_SCALE = {**CPU_SCALE, "train.epochs": 96}
 # ---- the chapters' grids ---------------------------------------------------------------------------
 # Each keeps, at the cpu profile, the runs the committed chapters read (tests/test_grids.py checks it
 # against results/chapters/<chapter>.runs.json).
+#
+# At the cpu profile the chapters' grids take about 4 hours on 2 cores, over the book's budget of 3. So
+# chapters 02, 04 and 06 split theirs into a core, which carries each chapter's headline comparisons
+# with three seeds, and an extended tier: the runs that add a method or a setting beside them (chapter
+# 02's mean-only correction and its all-bit-widths control, chapter 04's gentlest ratio and its one-seed
+# scores and modes, chapter 06's Double Rounding and shift-bit). `make runs` trains the core, `make runs
+# EXTENDED=1` both; a chapter reads the extended runs when the store has them and says so where it
+# lacks them. The smoke profile has the same tiers, so that the tests run a chapter both ways.
+TIERED_PROFILES = ("smoke", "cpu")
 def bias_grid(profile: str) -> Grid:
     """Chapter 01 analyses one trained switchable network: at the cpu profile chapter 02's first seed."""
     return Grid({"switchable": {SEEDS[profile][0]: cell("switchable", train_seed=SEEDS[profile][0])}},
@@ -196,13 +211,15 @@ def bn_grid(profile: str) -> Grid:
     seeds = SEEDS[profile]
     controls = seeds[:1] if profile == "cpu" else seeds
     ablation_seeds = {"gpu": seeds, "cpu": ()}.get(profile, seeds[:1])
+    extended = {("methods", ("shared_mean", s)) for s in seeds} | {("all_bits", s) for s in controls}
     return Grid({
         # seed-major, so that the runner's first runs cover every treatment
         "methods": {(m, s): cell(m, train_seed=s) for s in seeds for m in BN_METHODS},
         "all_bits": {s: cell("shared_meanvar", train_seed=s, train_bits=ALL_BITS) for s in controls},
         "ablations": {(label, s): cell(m, train_seed=s, **extra)
                       for label, (m, extra) in BN_ABLATIONS.items() for s in ablation_seeds},
-    }, scale=CPU_LONG_SCALE if profile == "cpu" else {})
+    }, scale=CPU_LONG_SCALE if profile == "cpu" else {},
+        extended=frozenset(extended if profile in TIERED_PROFILES else ()))
 
 
 # Chapter 02's earlier candidate scale: all 60k images for 4 epochs, where the first seed of switchable
@@ -254,7 +271,7 @@ def pruning_grid(profile: str) -> Grid:
     p = 0.3, 0.6 and 0.8, warm-up 4 of the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the
     baseline is the scale study's 48-epoch shared BN + mean+var runs of its doubling check (the same hashes)."""
     if profile == "cpu":
-        return _pruning(SEEDS[profile], (0.3, 0.6, 0.8), CPU_SCALE, warmup=4)
+        return _pruning(SEEDS[profile], (0.3, 0.6, 0.8), CPU_SCALE, warmup=4, extended_ratios=(0.3,))
     if profile == "smoke":
         return _pruning(SEEDS[profile], (0.5, 0.8), {"train.epochs": 2}, warmup=1, side=0.5)
     seeds = SEEDS[profile]
@@ -263,13 +280,21 @@ def pruning_grid(profile: str) -> Grid:
     return _pruning_plan(plan, {}, warmup=5)
 
 
-def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = 0.6) -> Grid:
+HEADLINE_PRUNING = (("el2n", "static"), ("random", "static"))  # below the gpu profile, with every seed
+
+
+def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = 0.6,
+             extended_ratios: tuple[float, ...] = ()) -> Grid:
     """EL2N and random (static) at the ``main`` ratios with every seed, the other scores and modes at
-    ``side`` with the first."""
-    plan = {("el2n", "static"): (main, seeds), ("random", "static"): (main, seeds)}
+    ``side`` with the first; the extended tier: those one-seed runs, and the headline methods at
+    ``extended_ratios``."""
+    plan = dict.fromkeys(HEADLINE_PRUNING, (main, seeds))
     plan.update({(s, "static"): ((side,), seeds[:1]) for s in ("grand", "grand_last", "loss")})
     plan.update({("el2n", mode): ((side,), seeds[:1]) for mode in ("dynamic", "lightweight")})
-    return _pruning_plan(plan, scale, warmup)
+    grid = _pruning_plan(plan, scale, warmup)
+    extended = {("pruned", key) for key in grid.groups["pruned"]
+                if tuple(key[0].split(", ")) not in HEADLINE_PRUNING or key[1] in extended_ratios}
+    return Grid(grid.groups, grid.scale, frozenset(extended))
 
 
 def _pruning_plan(plan: dict, scale: dict, warmup: int) -> Grid:
@@ -298,6 +323,8 @@ REFERENCE_METHOD = "full_precision"
 # recipe (its step schedule flattens the last quarter by construction, so the plateau rule cannot read
 # it), QIL, the progressive and stochastic schedules and joint distillation.
 CPU_COMPARED_METHODS = ("any_precision", "emq", "lsq", "double_rounding", "shift")
+# Their extended tier (TIERED_PROFILES): the core compares the two baselines with a learned quantizer.
+EXTENDED_METHODS = ("double_rounding", "shift")
 
 
 # Shift-bit's low bit-widths collapse at the cpu profile as its staircase steepens past about 100 (chapter
@@ -313,11 +340,13 @@ def methods_grid(profile: str) -> Grid:
     48 epochs, where the collapse it tests was found)."""
     methods = CPU_COMPARED_METHODS if profile == "cpu" else COMPARED_METHODS
     capped = {"train_epochs": CPU_SCALE["train.epochs"]} if profile == "cpu" else {}
-    return Grid({"methods": {(m, s): cell(m, train_seed=s) for s in SEEDS[profile]
-                             for m in (*methods, REFERENCE_METHOD)},
+    seeds = SEEDS[profile]
+    extended = {("methods", (m, s)) for m in EXTENDED_METHODS for s in seeds} | {("shift_capped", s) for s in seeds}
+    return Grid({"methods": {(m, s): cell(m, train_seed=s) for s in seeds for m in (*methods, REFERENCE_METHOD)},
                  "shift_capped": {s: cell("shift", train_seed=s, quant_steepness_end=SHIFT_STEEPNESS_CAP, **capped)
-                                  for s in SEEDS[profile]}},
-                scale=CPU_LONG_SCALE if profile == "cpu" else {})
+                                  for s in seeds}},
+                scale=CPU_LONG_SCALE if profile == "cpu" else {},
+                extended=frozenset(extended if profile in TIERED_PROFILES else ()))
 
 
 GRIDS: dict[str, Callable[[str], Grid]] = {
@@ -344,20 +373,23 @@ def grid_of(name: str, profile: str) -> Grid:
         raise ConfigError(f"grid {name!r} has no {profile!r} profile") from None
 
 
-def grid_stages(name: str, profile: str, base: RunConfig | None = None,
-                group: str | None = None, overrides=None) -> list[tuple[Cell, list[RunConfig]]]:
-    """Every cell of grid ``name`` at ``profile`` (or of one of its groups) with its runs (pretraining
-    stages first), on ``base`` (default: the profile's config). ``overrides`` (dotted, as ``--set``)
-    apply to every run after the grid's scale and before each cell's own settings."""
+def grid_stages(name: str, profile: str, base: RunConfig | None = None, group: str | None = None, overrides=None,
+                extended: bool = True) -> list[tuple[Cell, list[RunConfig]]]:
+    """Every cell of grid ``name`` at ``profile`` (or of one of its groups; without its extended tier
+    unless ``extended``) with its runs (pretraining stages first), on ``base`` (default: the profile's
+    config). ``overrides`` (dotted, as ``--set``) apply to every run after the grid's scale and before
+    each cell's own settings."""
     grid = grid_of(name, profile)
     start = grid.base(base or load_config(profile=profile)).with_overrides(overrides)
-    return [(c, c.configs(start)) for c in grid.cells(group)]
+    return [(c, c.configs(start)) for c in grid.cells(group, extended)]
 
 
-def grid_configs(name: str, profile: str, base: RunConfig | None = None, overrides=None) -> list[RunConfig]:
-    """Every run of grid ``name`` at ``profile``, each once, pretraining stages before their users."""
+def grid_configs(name: str, profile: str, base: RunConfig | None = None, overrides=None,
+                 extended: bool = True) -> list[RunConfig]:
+    """Every run of grid ``name`` at ``profile`` (without its extended tier unless ``extended``), each
+    once, pretraining stages before their users."""
     out: dict[str, RunConfig] = {}
-    for _, stages in grid_stages(name, profile, base, overrides=overrides):
+    for _, stages in grid_stages(name, profile, base, overrides=overrides, extended=extended):
         for cfg in stages:
             out.setdefault(cfg.hash(), cfg)
     return list(out.values())
@@ -374,11 +406,11 @@ def _train_one(args) -> tuple[str, float, dict]:
 
 def run_grid(name: str, profile: str, store: ResultsStore, jobs: int = 2, threads: int = 1,
              base: RunConfig | None = None, echo: Callable[[str], None] = print, device: str = "cpu",
-             overrides=None) -> list[str]:
-    """Train every missing run of grid ``name`` at ``profile`` (:func:`train_all`), with ``overrides``
-    (:func:`grid_stages`)."""
-    return train_all(grid_configs(name, profile, base, overrides), store, jobs, threads, f"grid {name} at {profile}",
-                     echo, device)
+             overrides=None, extended: bool = False) -> list[str]:
+    """Train every missing run of grid ``name`` at ``profile`` (:func:`train_all`), its extended tier
+    too if ``extended``, with ``overrides`` (:func:`grid_stages`)."""
+    title = f"grid {name} at {profile}" + (" with its extended tier" if extended else "")
+    return train_all(grid_configs(name, profile, base, overrides, extended), store, jobs, threads, title, echo, device)
 
 
 def run_cost(cfg: RunConfig) -> int:
