@@ -51,7 +51,7 @@ test-reference: venv data
 	@rm -rf _build/test-results
 	@for nb in $(CHAPTERS); do \
 	  name=$$(basename $$nb .ipynb); \
-	  OMP_NUM_THREADS=1 $(VENV)/bin/papermill --cwd tests/notebooks -p profile smoke -p train_missing True \
+	  OMP_NUM_THREADS=1 $(VENV)/bin/papermill --cwd tests/notebooks -p profile smoke -p train_missing True -p train_extended True \
 	    -p results_dir _build/test-results $$nb tests/notebooks/$$name.ipynb || exit 1; \
 	  cp _build/test-results/chapters/$$name.json tests/notebooks/reference/$$name.json; \
 	done

@@ -99,7 +99,8 @@ class Chapter:
                 groups[group][key] = runs[-1]
                 stages[runs[-1].hash] = runs
         if missing:
-            print(f"{sum(map(len, missing.values()))} runs of the extended tier are not in the store "
+            left = "; ".join(f"{group} " + ", ".join(map(str, keys)) for group, keys in missing.items())
+            print(f"left out, not in the store: the extended tier's {left} "
                   f"(python -m emq grid {name} --profile {self.profile} --extended trains them)")
         return GridRuns(base, groups, stages, missing)
 

@@ -184,8 +184,8 @@ CPU_LONG_SCALE = {**CPU_SCALE, "train.epochs": 96}
 # At the cpu profile the chapters' grids take about 4 hours on 2 cores, over the book's budget of 3. So
 # chapters 02, 04 and 06 split theirs into a core, which carries each chapter's headline comparisons
 # with three seeds, and an extended tier: the runs that add a method or a setting beside them (chapter
-# 02's mean-only correction and its all-bit-widths control, chapter 04's gentlest ratio and its one-seed
-# scores and modes, chapter 06's Double Rounding and shift-bit). `make runs` trains the core, `make runs
+# 02's mean-only correction and its all-bit-widths control, chapter 04's gentlest ratio, chapter 06's
+# Double Rounding and shift-bit). `make runs` trains the core, `make runs
 # EXTENDED=1` both; a chapter reads the extended runs when the store has them and says so where it
 # lacks them. The smoke profile has the same tiers, so that the tests run a chapter both ways.
 TIERED_PROFILES = ("smoke", "cpu")
@@ -280,20 +280,18 @@ def pruning_grid(profile: str) -> Grid:
     return _pruning_plan(plan, {}, warmup=5)
 
 
-HEADLINE_PRUNING = (("el2n", "static"), ("random", "static"))  # below the gpu profile, with every seed
+HEADLINE_PRUNING = (("el2n", "static"), ("random", "static"))  # below the gpu profile: every ratio and seed
 
 
 def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = 0.6,
              extended_ratios: tuple[float, ...] = ()) -> Grid:
     """EL2N and random (static) at the ``main`` ratios with every seed, the other scores and modes at
-    ``side`` with the first; the extended tier: those one-seed runs, and the headline methods at
-    ``extended_ratios``."""
+    ``side`` with the first; the extended tier: the headline methods at ``extended_ratios``."""
     plan = dict.fromkeys(HEADLINE_PRUNING, (main, seeds))
     plan.update({(s, "static"): ((side,), seeds[:1]) for s in ("grand", "grand_last", "loss")})
     plan.update({("el2n", mode): ((side,), seeds[:1]) for mode in ("dynamic", "lightweight")})
     grid = _pruning_plan(plan, scale, warmup)
-    extended = {("pruned", key) for key in grid.groups["pruned"]
-                if tuple(key[0].split(", ")) not in HEADLINE_PRUNING or key[1] in extended_ratios}
+    extended = {("pruned", key) for key in grid.groups["pruned"] if key[1] in extended_ratios}
     return Grid(grid.groups, grid.scale, frozenset(extended))
 
 
