@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered methods")
 
     g = sub.add_parser("grid", help="train every missing run of a chapter's grid (python -m emq grid --list)")
-    g.add_argument("name", nargs="?", help="a grid, e.g. 00_scale")
+    g.add_argument("names", nargs="*", metavar="NAME",
+                   help="one grid or several, e.g. 00_scale (several train in one queue, a shared run once)")
     g.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
     g.add_argument("--jobs", type=int, default=2, help="worker processes (default 2: on 2 cores, two 1-thread "
                                                        "workers train more runs per hour than one 2-thread one)")
@@ -139,22 +140,23 @@ def _launch(args) -> int:
 
 
 def _grid(args) -> None:
-    if not args.name:
+    if not args.names:
         print("grids: " + ", ".join(GRIDS))
         return
     store = ResultsStore(args.results)
     if args.list:
-        core = {cfg.hash() for cfg in grid_configs(args.name, args.profile, overrides=args.overrides, extended=False)}
-        for c, stages in grid_stages(args.name, args.profile, overrides=args.overrides):
-            for cfg in stages:
-                state = "finished" if store.is_finished(cfg) else "missing"
-                tier = "core" if cfg.hash() in core else "extended"
-                print(f"{cfg.hash()}  {state:<8}  {tier:<8}  {c.label}")
+        for name in args.names:
+            core = {cfg.hash() for cfg in grid_configs(name, args.profile, overrides=args.overrides, extended=False)}
+            for c, stages in grid_stages(name, args.profile, overrides=args.overrides):
+                for cfg in stages:
+                    state = "finished" if store.is_finished(cfg) else "missing"
+                    tier = "core" if cfg.hash() in core else "extended"
+                    print(f"{cfg.hash()}  {state:<8}  {tier:<8}  {c.label}")
         return
     if args.jobs < 1 or args.threads < 1:
         raise ConfigError(f"--jobs and --threads must be at least 1, got {args.jobs} and {args.threads}")
     resolve_device(args.device)
-    run_grid(args.name, args.profile, store, args.jobs, args.threads, device=args.device, overrides=args.overrides,
+    run_grid(args.names, args.profile, store, args.jobs, args.threads, device=args.device, overrides=args.overrides,
              extended=args.extended)
 
 

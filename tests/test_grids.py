@@ -41,9 +41,12 @@ def test_the_scale_chapter_read_only_runs_of_its_grid_and_of_chapter_02s_grids()
     assert read and read <= {c.hash() for configs in grids_ for c in configs}
 
 
-def test_make_runs_trains_every_chapters_grid():
-    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("GRIDS :="))
-    assert sorted(line.split(":=")[1].split()) == sorted(CHAPTER_GRIDS)
+def test_make_runs_trains_every_chapters_grid_and_the_scale_study_with_the_extended_tiers():
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    grids_, scale = ([x.split(":=")[1].split() for x in lines if x.startswith(f"{name} :=")][0]
+                     for name in ("GRIDS", "SCALE_GRID"))
+    assert sorted(grids_ + scale) == sorted(CHAPTER_GRIDS) and scale == ["00_scale"]
+    assert "emq grid $(GRIDS) $(if $(EXTENDED),$(SCALE_GRID)) " in "\n".join(lines)  # one queue
     # chapter 05 trains through torchrun (its runbook), the synthesis trains nothing
     assert set(CHAPTER_GRIDS) == {p.stem for p in (ROOT / "book").glob("0*.ipynb")} - {"05_full_scale", "07_synthesis"}
     assert "gpu_evidence" in GRIDS and "gpu_evidence" not in CHAPTER_GRIDS
@@ -313,3 +316,14 @@ def test_a_chapter_reads_the_extended_tier_only_once_the_runner_has_trained_it(t
     assert len(run_grid("tiny", "smoke", store, jobs=1, base=base, echo=lambda line: None, extended=True)) == 1
     runs = Chapter("tiny", "smoke", results_dir=str(tmp_path)).runs("tiny")
     assert list(runs["all"]) == ["fp", "ap"] and runs.missing == {}
+
+
+@needs_data
+def test_several_grids_train_in_one_queue_and_a_run_they_share_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(grids.GRIDS, "one", lambda profile: Grid({"all": {"fp": cell("full_precision")}}))
+    monkeypatch.setitem(grids.GRIDS, "two", lambda profile: Grid({"all": {
+        "fp": cell("full_precision"), "ap": cell("any_precision")}}))
+    base = load_config(profile="smoke", overrides=TINY)
+    store, lines = ResultsStore(tmp_path), []
+    trained = run_grid(("one", "two"), "smoke", store, jobs=2, base=base, echo=lines.append)
+    assert len(trained) == 2 and lines[0].startswith("grid one, two at smoke: 2 runs, 0 in the store")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -185,10 +185,12 @@ CPU_LONG_SCALE = {**CPU_SCALE, "train.epochs": 96}
 # chapters 02, 04 and 06 split theirs into a core, which carries each chapter's headline comparisons
 # with three seeds, and an extended tier: the runs that add a method or a setting beside them (chapter
 # 02's mean-only correction and its all-bit-widths control, chapter 04's gentlest ratio, chapter 06's
-# Double Rounding and shift-bit). `make runs` trains the core, `make runs
-# EXTENDED=1` both; a chapter reads the extended runs when the store has them and says so where it
-# lacks them. The smoke profile has the same tiers, so that the tests run a chapter both ways.
+# Double Rounding and shift-bit). `make runs` trains the core, `make runs EXTENDED=1` both; a chapter
+# reads the extended runs when the store has them and says what it left out where it lacks them. The
+# smoke profile has the same tiers, so that the tests run a chapter both ways.
 TIERED_PROFILES = ("smoke", "cpu")
+
+
 def bias_grid(profile: str) -> Grid:
     """Chapter 01 analyses one trained switchable network: at the cpu profile chapter 02's first seed."""
     return Grid({"switchable": {SEEDS[profile][0]: cell("switchable", train_seed=SEEDS[profile][0])}},
@@ -268,7 +270,7 @@ def pruning_grid(profile: str) -> Grid:
     main ratios with every seed, the other scores and modes p = 0.6 (0.5 at smoke) with one seed; the
     gpu profile runs every score and mode at every ratio. Beside them, one network per bit-width
     trained alone on all the data, with the baseline's seeds. At the cpu profile: CPU_SCALE,
-    p = 0.3, 0.6 and 0.8, warm-up 4 of the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the
+    p = 0.3 (the extended tier), 0.6 and 0.8, warm-up 4 of the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the
     baseline is the scale study's 48-epoch shared BN + mean+var runs of its doubling check (the same hashes)."""
     if profile == "cpu":
         return _pruning(SEEDS[profile], (0.3, 0.6, 0.8), CPU_SCALE, warmup=4, extended_ratios=(0.3,))
@@ -402,13 +404,16 @@ def _train_one(args) -> tuple[str, float, dict]:
     return run.hash, time.perf_counter() - t0, run.summary["acc"]
 
 
-def run_grid(name: str, profile: str, store: ResultsStore, jobs: int = 2, threads: int = 1,
+def run_grid(name: str | Sequence[str], profile: str, store: ResultsStore, jobs: int = 2, threads: int = 1,
              base: RunConfig | None = None, echo: Callable[[str], None] = print, device: str = "cpu",
              overrides=None, extended: bool = False) -> list[str]:
     """Train every missing run of grid ``name`` at ``profile`` (:func:`train_all`), its extended tier
-    too if ``extended``, with ``overrides`` (:func:`grid_stages`)."""
-    title = f"grid {name} at {profile}" + (" with its extended tier" if extended else "")
-    return train_all(grid_configs(name, profile, base, overrides, extended), store, jobs, threads, title, echo, device)
+    too if ``extended``, with ``overrides`` (:func:`grid_stages`). Several grids (``name`` a sequence)
+    train in one queue, a run they share once, so that no worker idles at the end of each grid."""
+    names = [name] if isinstance(name, str) else list(name)
+    configs = {c.hash(): c for n in names for c in grid_configs(n, profile, base, overrides, extended)}
+    title = f"grid {', '.join(names)} at {profile}" + (" with the extended tier" if extended else "")
+    return train_all(list(configs.values()), store, jobs, threads, title, echo, device)
 
 
 def run_cost(cfg: RunConfig) -> int:
