@@ -15,6 +15,7 @@ from emq.results import ResultsStore
 ROOT = Path(__file__).resolve().parents[1]
 # what each chapter records only from its extended runs, and what it records from its core
 LEFT_OUT = {"02_shared_bn": ("claim2_shared_mean_supported", "claim2_shared_meanvar_supported"),
+            "04_coreset_pruning": ("dynamic_scoring_share_pct", "static_scoring_share_pct"),
             "06_methods": ("double_rounding_acc_2", "lsq_acc_2")}
 
 

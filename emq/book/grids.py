@@ -184,10 +184,10 @@ CPU_LONG_SCALE = {**CPU_SCALE, "train.epochs": 96}
 # At the cpu profile the chapters' grids take about 4 hours on 2 cores, over the book's budget of 3. So
 # chapters 02, 04 and 06 split theirs into a core, which carries each chapter's headline comparisons
 # with three seeds, and an extended tier: the runs that add a method or a setting beside them (chapter
-# 02's mean-only correction and its all-bit-widths control, chapter 04's gentlest ratio, chapter 06's
-# Double Rounding and shift-bit). `make runs` trains the core, `make runs EXTENDED=1` both; a chapter
-# reads the extended runs when the store has them and says what it left out where it lacks them. The
-# smoke profile has the same tiers, so that the tests run a chapter both ways.
+# 02's mean-only correction and its all-bit-widths control, chapter 04's gentlest ratio and its one-seed
+# scores and modes, chapter 06's Double Rounding and shift-bit). `make runs` trains the core, `make runs
+# EXTENDED=1` both; a chapter reads the extended runs when the store has them and says what it left out
+# where it lacks them. The smoke profile has the same tiers, so that the tests run a chapter both ways.
 TIERED_PROFILES = ("smoke", "cpu")
 
 
@@ -269,8 +269,9 @@ def pruning_grid(profile: str) -> Grid:
     keyed by "score, mode", ratio and seed. Below the gpu profile EL2N and random (static) cover the
     main ratios with every seed, the other scores and modes p = 0.6 (0.5 at smoke) with one seed; the
     gpu profile runs every score and mode at every ratio. Beside them, one network per bit-width
-    trained alone on all the data, with the baseline's seeds. At the cpu profile: CPU_SCALE,
-    p = 0.3 (the extended tier), 0.6 and 0.8, warm-up 4 of the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the
+    trained alone on all the data, with the baseline's seeds. Below the gpu profile the one-seed runs
+    are the extended tier (TIERED_PROFILES), and at the cpu profile p = 0.3 too. At the cpu profile: CPU_SCALE,
+    p = 0.3, 0.6 and 0.8, warm-up 4 of the 48 epochs (about 1/12, as the gpu profile's 5 of 60); the
     baseline is the scale study's 48-epoch shared BN + mean+var runs of its doubling check (the same hashes)."""
     if profile == "cpu":
         return _pruning(SEEDS[profile], (0.3, 0.6, 0.8), CPU_SCALE, warmup=4, extended_ratios=(0.3,))
@@ -288,12 +289,14 @@ HEADLINE_PRUNING = (("el2n", "static"), ("random", "static"))  # below the gpu p
 def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = 0.6,
              extended_ratios: tuple[float, ...] = ()) -> Grid:
     """EL2N and random (static) at the ``main`` ratios with every seed, the other scores and modes at
-    ``side`` with the first; the extended tier: the headline methods at ``extended_ratios``."""
+    ``side`` with the first; the extended tier: those one-seed runs, and the headline methods at
+    ``extended_ratios``."""
     plan = dict.fromkeys(HEADLINE_PRUNING, (main, seeds))
     plan.update({(s, "static"): ((side,), seeds[:1]) for s in ("grand", "grand_last", "loss")})
     plan.update({("el2n", mode): ((side,), seeds[:1]) for mode in ("dynamic", "lightweight")})
     grid = _pruning_plan(plan, scale, warmup)
-    extended = {("pruned", key) for key in grid.groups["pruned"] if key[1] in extended_ratios}
+    extended = {("pruned", key) for key in grid.groups["pruned"]
+                if tuple(key[0].split(", ")) not in HEADLINE_PRUNING or key[1] in extended_ratios}
     return Grid(grid.groups, grid.scale, frozenset(extended))
 
 
