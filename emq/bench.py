@@ -316,10 +316,14 @@ def print_budget(profile: str, jobs: int = 2, speedup: float | None = None) -> N
           "emq.book.grids.paced_seconds" + (f"; fused: paced / {speedup:.2f} where a run's activations are "
                                             "DoReFa's" if speedup else "")
           + "), and per group of a grid (a run two chapters share counts in each):")
-    measures = {"recorded": recorded_seconds, "paced": paced_seconds}
+    def once(seconds):  # each run's metrics read once, however many lines count the run
+        cache: dict[str, float] = {}
+        return lambda run: cache[run.hash] if run.hash in cache else cache.setdefault(run.hash, seconds(run))
+
+    paced = once(paced_seconds)
+    measures = {"recorded": once(recorded_seconds), "paced": paced}
     if speedup:
-        measures["fused"] = lambda run: paced_seconds(run) / (speedup if run.config.quant.act_quantizer == "dorefa"
-                                                              else 1.0)
+        measures["fused"] = lambda run: paced(run) / (speedup if run.config.quant.act_quantizer == "dorefa" else 1.0)
 
     def line(label, configs):
         configs = list({c.hash(): c for c in configs}.values())
@@ -340,8 +344,8 @@ def print_budget(profile: str, jobs: int = 2, speedup: float | None = None) -> N
             runs = {cfg.hash(): cfg for _, stages in grid_stages(name, profile, group=group) for cfg in stages}
             done = [c for c in runs.values() if store.is_finished(c)]
             if runs:
-                paced = sum(paced_seconds(store.run(c)) for c in done) / 3600
-                print(f"    group {group:20} {len(runs):4d} runs  paced {paced:6.2f} core-h")
+                hours = sum(paced(store.run(c)) for c in done) / 3600
+                print(f"    group {group:20} {len(runs):4d} runs  paced {hours:6.2f} core-h")
     line("every chapter but 00_scale", [c for name, cs in every.items() if name != "00_scale" for c in cs])
     line("every chapter but 00_scale, core", [c for name, cs in core.items() if name != "00_scale" for c in cs])
     line("every chapter", [c for cs in every.values() for c in cs])

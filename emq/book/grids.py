@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,7 +63,7 @@ class Grid:
     def cells(self, group: str | None = None, extended: bool = True) -> list[Cell]:
         """The grid's cells, or those of one ``group``; without the extended tier unless ``extended``."""
         groups = self.groups.items() if group is None else [(group, self.groups[group])]
-        return [c for g, cells in groups for k, c in cells.items() if extended or (g, k) not in self.extended]
+        return [c for g, cells in groups for k, c in cells.items() if extended or not self.is_extended(g, k)]
 
     def is_extended(self, group: str, key: Hashable) -> bool:
         return (group, key) in self.extended
@@ -284,9 +284,17 @@ def pruning_grid(profile: str) -> Grid:
 
 
 HEADLINE_PRUNING = (("el2n", "static"), ("random", "static"))  # below the gpu profile: every ratio and seed
+# The ratio of the one-seed scores and modes, where chapter 04 and its synthesis line compare every score (at the
+# ratio run nearest it: side_ratio).
+PRUNE_SIDE = 0.6
 
 
-def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = 0.6,
+def side_ratio(ratios) -> float:
+    """Of the pruning ratios a chapter 04 store has, the one nearest PRUNE_SIDE."""
+    return min(ratios, key=lambda p: abs(p - PRUNE_SIDE))
+
+
+def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmup: int, side: float = PRUNE_SIDE,
              extended_ratios: tuple[float, ...] = ()) -> Grid:
     """EL2N and random (static) at the ``main`` ratios with every seed, the other scores and modes at
     ``side`` with the first; the extended tier: those one-seed runs, and the headline methods at
@@ -297,7 +305,7 @@ def _pruning(seeds: tuple[int, ...], main: tuple[float, ...], scale: dict, warmu
     grid = _pruning_plan(plan, scale, warmup)
     extended = {("pruned", key) for key in grid.groups["pruned"]
                 if tuple(key[0].split(", ")) not in HEADLINE_PRUNING or key[1] in extended_ratios}
-    return Grid(grid.groups, grid.scale, frozenset(extended))
+    return replace(grid, extended=frozenset(extended))
 
 
 def _pruning_plan(plan: dict, scale: dict, warmup: int) -> Grid:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emq.analysis.stats import Difference
-from emq.book.grids import CHAPTER_GRIDS, VERDICT_TESTS, grid_configs, grid_of
+from emq.book.grids import CHAPTER_GRIDS, VERDICT_TESTS, grid_configs, grid_of, side_ratio
 from emq.config import load_config
 from emq.results import read_json
 
@@ -118,7 +118,7 @@ def _pruning(n: dict) -> list[Finding]:
     ch = "04_coreset_pruning"
     found = [m.groups() for m in map(_PRUNED.match, n) if m and m.group(1) != "full_data"]
     ratios = {p: [s for s, q in found if q == p] for _, p in found}
-    side = min(ratios, key=lambda p: abs(int(p) - 60))  # the chapter's side ratio: the one nearest 0.6
+    side = str(round(100 * side_ratio([int(p) / 100 for p in ratios])))  # the chapter's own side ratio
     at_2 = {s: n[f"acc_{s}_p{side}_2bit_mean"] for s in ratios[side]}
     best = max(at_2, key=at_2.get)
     out = [Finding(ch, f"{_label(s)} selection keeps every bit-width within 1 pp of the full data "
